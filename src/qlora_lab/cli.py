@@ -1,0 +1,116 @@
+"""`qlora-lab <verb>`: thin wrappers over the package. Heavy modules are imported inside each verb.
+
+Errors a user can fix (UserError) print one line and exit with code 2; no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config key, e.g. --set train.max_steps=20 (repeatable)")
+
+
+def _load(args):
+    from .config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+# ----------------------------------------------------------------------------- verbs
+
+def cmd_train(args) -> int:
+    cfg = _load(args)
+    from . import train
+
+    run_dir = train.main(cfg, output_dir=args.output_dir, resume=args.resume)
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def cmd_make_model(args) -> int:
+    from .presets import make_model
+
+    out = make_model(args.preset, args.out_dir, seed=args.seed)
+    print(f"wrote random-init {args.preset} checkpoint to {out}")
+    return 0
+
+
+def cmd_config(args) -> int:
+    from .config import to_yaml
+
+    sys.stdout.write(to_yaml(_load(args)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .presets import PRESETS
+
+    parser = argparse.ArgumentParser(
+        prog="qlora-lab", description="QLoRA vs LoRA fine-tuning of 7B models: data, train, generate, compare, plot, bench.")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+
+    p = sub.add_parser("train", help="fine-tune a model with the config's method (QLoRA or LoRA)",
+                       description="Fine-tune with a config; writes a run folder (config, metrics.jsonl, adapter, checkpoints).")
+    _config_args(p)
+    p.add_argument("--output-dir", default=None, help="run folder (default: train.output_dir/run_name)")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("make-model", help="write a random-weight checkpoint of a preset shape to a folder",
+                       description="Write a random-init model (real architecture and shape, random weights) "
+                                   "with a byte-level tokenizer, loadable with from_pretrained.")
+    p.add_argument("preset", choices=PRESETS)
+    p.add_argument("out_dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_model)
+
+    p = sub.add_parser("config", help="print a config after overrides and validation",
+                       description="Validate a config and print it resolved.")
+    _config_args(p)
+    p.set_defaults(func=cmd_config)
+
+    from .data.cli import add_parser as add_data_parser
+
+    add_data_parser(sub)
+    for name in ("generate", "compare", "plot", "bench", "demo"):
+        _try_add(sub, name)
+    return parser
+
+
+def _try_add(sub, name: str) -> None:
+    """Verbs whose modules add their own parser (`add_parser(subparsers)`), when present."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(f".cli_{name}", __package__)
+    except ModuleNotFoundError as e:
+        if e.name and e.name.endswith(f"cli_{name}"):
+            return
+        raise
+    mod.add_parser(sub)
+
+
+def main(argv=None) -> int:
+    from .errors import UserError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"qlora-lab: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("qlora-lab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

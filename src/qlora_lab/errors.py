@@ -1,0 +1,26 @@
+"""Errors a user can fix. The CLI prints them as one line and exits with code 2, no traceback."""
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input: a config, a data file, a CLI argument. The message names what and where."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError):
+    pass
+
+
+class DataError(UserError):
+    pass
+
+
+def where(path, line: int | None = None, field: str | None = None) -> str:
+    """'file:line: field' prefix used by every input error."""
+    s = str(path)
+    if line is not None:
+        s += f":{line}"
+    if field:
+        s += f": {field}"
+    return s

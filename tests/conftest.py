@@ -1,0 +1,50 @@
+"""Shared fixtures: repo paths, tiny random-weight models cached per session, CLI runner."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+CONFIGS = ROOT / "configs"
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _model_cache(tmp_path_factory):
+    """Random-init checkpoints go to a per-session cache, never to the user's home."""
+    d = tmp_path_factory.mktemp("qlora_lab_cache")
+    old = os.environ.get("QLORA_LAB_CACHE")
+    os.environ["QLORA_LAB_CACHE"] = str(d)
+    yield d
+    if old is None:
+        os.environ.pop("QLORA_LAB_CACHE", None)
+    else:
+        os.environ["QLORA_LAB_CACHE"] = old
+
+
+def run_cli(*args, cwd=ROOT, env=None, timeout=600):
+    """Run the real `qlora-lab` console entry in a subprocess; returns CompletedProcess."""
+    e = dict(os.environ)
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "qlora_lab.cli", *map(str, args)], cwd=cwd, env=e,
+                          capture_output=True, text=True, timeout=timeout)
