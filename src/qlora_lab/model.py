@@ -1,0 +1,251 @@
+"""Load the base model (4-bit NF4 + double quant, or 16-bit), verify it, attach LoRA.
+
+Verify, don't trust: transformers replaces only layers whose type *is* ``nn.Linear`` with 4-bit
+ones, so a model built from a subclass (Falcon's ``FalconLinear``) silently stays 16-bit. Known
+subclasses are built as plain ``nn.Linear`` while loading (same maths, so the quantizer converts them
+at load time, with no 16-bit copy in memory); any other 16-bit linear left over is quantized in place;
+and the count is checked at the end. A model labelled QLoRA is never 16-bit.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+log = logging.getLogger("qlora_lab.model")
+
+# LoRA targets for "all-linear" per architecture (every linear layer of every block; not lm_head).
+TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "falcon": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+}
+# nn.Linear subclasses with the same maths that transformers' 4-bit replacement skips.
+_LINEAR_ALIASES = {"falcon": ("transformers.models.falcon.modeling_falcon", "FalconLinear")}
+
+
+class QuantizationError(UserError):
+    pass
+
+
+def model_path(cfg) -> str:
+    """Hub id or folder to load; a random_init preset is written to the local cache first."""
+    if cfg.model.random_init:
+        from .presets import cached_model
+
+        return str(cached_model(cfg.model.random_init))
+    return cfg.model.name_or_path
+
+
+def bnb_config(cfg, dtype: torch.dtype):
+    if not cfg.is_qlora:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    q = cfg.quant
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=q.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant, bnb_4bit_compute_dtype=dtype)
+
+
+@contextlib.contextmanager
+def _plain_linear_layers(model_type: str):
+    """Build known nn.Linear subclasses as nn.Linear while a model is constructed."""
+    spec = _LINEAR_ALIASES.get(model_type)
+    if spec is None:
+        yield
+        return
+    import importlib
+
+    mod = importlib.import_module(spec[0])
+    original = getattr(mod, spec[1])
+    setattr(mod, spec[1], nn.Linear)
+    try:
+        yield
+    finally:
+        setattr(mod, spec[1], original)
+
+
+def load_tokenizer(cfg, path: str | None = None):
+    from transformers import AutoTokenizer
+
+    path = path or model_path(cfg)
+    tok = AutoTokenizer.from_pretrained(path, revision=cfg.model.revision,
+                                        trust_remote_code=cfg.model.trust_remote_code)
+    _ensure_pad_token(tok)
+    return tok
+
+
+def _ensure_pad_token(tok) -> None:
+    """Pad must differ from EOS, or masking pads would also hide the EOS the model must learn."""
+    if tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id:
+        return
+    for cand in [tok.unk_token] + list(getattr(tok, "additional_special_tokens", None) or []):
+        if cand is not None and tok.convert_tokens_to_ids(cand) not in (tok.eos_token_id, tok.bos_token_id):
+            tok.pad_token = cand
+            return
+    tok.add_special_tokens({"pad_token": "<pad>"})  # caller resizes embeddings
+
+
+def load_model(cfg, for_training: bool = False, plan=None, device_map=None):
+    """(model, tokenizer, summary). Quantized to NF4 when cfg.quant.bits == 4, verified either way."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .hardware import resolve_compute_dtype
+
+    path = model_path(cfg)
+    dtype_name = plan.compute_dtype if plan else resolve_compute_dtype(cfg.quant.bnb_4bit_compute_dtype)[0]
+    dtype = getattr(torch, dtype_name)
+    hf_config = AutoConfig.from_pretrained(path, revision=cfg.model.revision,
+                                           trust_remote_code=cfg.model.trust_remote_code)
+    tok = load_tokenizer(cfg, path)
+    if device_map is None:
+        device_map = {"": _local_device()}
+    quant = bnb_config(cfg, dtype)
+    # Non-quantized parts (norms, embeddings) in the compute dtype; fp32 under fp16 compute, where
+    # fp16 norms and a fp16 lm_head are what makes QLoRA diverge on a T4.
+    load_dtype = torch.float32 if dtype == torch.float16 and for_training and cfg.is_qlora else dtype
+    ctx = _plain_linear_layers(hf_config.model_type) if quant is not None else contextlib.nullcontext()
+    with ctx:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
+            quantization_config=quant, dtype=load_dtype, device_map=device_map,
+            attn_implementation=cfg.model.attn_implementation)
+    if len(tok) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tok), pad_to_multiple_of=64)
+    model.config.pad_token_id = tok.pad_token_id
+    summary = verify_quantization(model, cfg, dtype)
+    summary["compute_dtype"] = dtype_name
+    summary["source"] = cfg.model.random_init and f"random_init:{cfg.model.random_init}" or cfg.model.name_or_path
+    return model, tok, summary
+
+
+def _local_device():
+    if torch.cuda.is_available():
+        import os
+
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def _is_4bit(m) -> bool:
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return False
+    return isinstance(m, bnb.nn.Linear4bit)
+
+
+def _output_layer_names(model) -> set[str]:
+    out = model.get_output_embeddings()
+    return {n for n, m in model.named_modules() if m is out}
+
+
+def verify_quantization(model, cfg, dtype) -> dict:
+    """Count linear layers; under QLoRA every one but the output head must be 4-bit."""
+    skip = _output_layer_names(model)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    left = [n for n, m in linears.items() if n not in skip and not _is_4bit(m)]
+    if cfg.is_qlora and left:
+        log.warning("%d linear layers were left in 16 bits by the loader (%s, ...): quantizing them now",
+                    len(left), left[0])
+        quantize_in_place(model, left, cfg, dtype)
+        linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        left = [n for n, m in linears.items() if n not in skip and not _is_4bit(m)]
+        if left:
+            raise QuantizationError(
+                f"QLoRA requested but {len(left)} linear layers are still 16-bit after loading "
+                f"({', '.join(left[:3])}...): refusing to train a 16-bit model labelled QLoRA")
+    n4 = sum(_is_4bit(m) for m in linears.values())
+    q = cfg.quant
+    return {
+        "architecture": type(model).__name__,
+        "model_type": model.config.model_type,
+        "quantization": q.bnb_4bit_quant_type if cfg.is_qlora else None,
+        "double_quant": bool(cfg.is_qlora and q.bnb_4bit_use_double_quant),
+        "n_linear_4bit": n4,
+        "n_linear_total": len(linears),
+        "n_linear_expected_4bit": (len(linears) - len(skip & set(linears))) if cfg.is_qlora else 0,
+        "weights_bytes": int(model.get_memory_footprint()),
+    }
+
+
+def quantize_in_place(model, names, cfg, dtype) -> None:
+    """Replace 16-bit linear layers by NF4 ones (fallback for layer classes the loader skipped)."""
+    import bitsandbytes as bnb
+
+    q = cfg.quant
+    for name in names:
+        old = model.get_submodule(name)
+        new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None,
+                                compute_dtype=dtype, compress_statistics=q.bnb_4bit_use_double_quant,
+                                quant_type=q.bnb_4bit_quant_type, device="meta")
+        device = old.weight.device
+        new.weight = bnb.nn.Params4bit(old.weight.data.to("cpu"), requires_grad=False,
+                                       quant_type=q.bnb_4bit_quant_type,
+                                       compress_statistics=q.bnb_4bit_use_double_quant).to(device)
+        if old.bias is not None:
+            new.bias = nn.Parameter(old.bias.data.to(dtype), requires_grad=False)
+        model.set_submodule(name, new)
+        del old
+
+
+def lora_targets(cfg, model) -> list[str] | str:
+    t = cfg.lora.target_modules
+    if t == "all-linear":
+        return TARGETS.get(model.config.model_type, "all-linear")
+    return list(t)
+
+
+def add_lora(model, cfg, gradient_checkpointing: bool):
+    """Prepare for k-bit training (when 4-bit) and wrap with LoRA adapters. Returns the PeftModel."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    gc_kwargs = {"use_reentrant": False}
+    if cfg.is_qlora:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=gc_kwargs)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    if gradient_checkpointing:
+        # Frozen embeddings give the checkpointed blocks inputs without grad: make them require it.
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+    targets = lora_targets(cfg, model)
+    lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.lora_alpha, lora_dropout=cfg.lora.lora_dropout,
+                      target_modules=targets, bias=cfg.lora.bias, task_type="CAUSAL_LM")
+    expected = None
+    if isinstance(targets, list):
+        expected = sum(1 for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in targets)
+    peft_model = get_peft_model(model, lcfg)
+    n_lora = sum(1 for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and len(getattr(m, "lora_A", {})))
+    if expected is not None and n_lora != expected:
+        raise UserError(f"lora.target_modules: {n_lora} adapters attached, expected {expected} for {targets}")
+    if n_lora == 0:
+        raise UserError(f"lora.target_modules: no module matched {targets}")
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    total = sum(_numel(p) for p in peft_model.parameters())
+    return peft_model, {"n_lora_modules": n_lora, "lora_targets": targets,
+                        "trainable_params": int(trainable), "total_params": int(total)}
+
+
+def _numel(p) -> int:
+    # A 4-bit Params4bit stores two weights per byte; count the weights it stands for.
+    shape = getattr(getattr(p, "quant_state", None), "shape", None)
+    return int(torch.Size(shape).numel()) if shape is not None else p.numel()
+
+
+def load_adapter(model, adapter_dir):
+    """Attach a saved adapter for inference. Only safetensors are read (never pickle)."""
+    from peft import PeftModel
+
+    d = Path(adapter_dir)
+    if not (d / "adapter_model.safetensors").is_file():
+        if any(d.glob("*.bin")) or any(d.glob("*.pt")):
+            raise UserError(f"{d}: adapter is a pickle file (.bin/.pt); only safetensors are loaded")
+        raise UserError(f"{d}: no adapter_model.safetensors here")
+    return PeftModel.from_pretrained(model, str(d), is_trainable=False)

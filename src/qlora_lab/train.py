@@ -1,0 +1,413 @@
+"""The recipe: seed -> data -> model -> trainer -> train -> save.
+
+    qlora-lab train configs/llama2_7b_lima_qlora.yaml [--set train.max_steps=20] [--resume]
+    qlora_lab.train.main(cfg)            # from a notebook
+
+Everything lands in the run folder (see runs.py); wandb mirrors the metrics when enabled.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from .config import Config, to_yaml
+from .errors import UserError
+from .runs import STATE_FILE, RunFolder, atomic_write_json, env_info
+
+log = logging.getLogger("qlora_lab.train")
+
+
+def main(cfg: Config, output_dir=None, resume: bool = False) -> Path:
+    run = prepare_run_folder(cfg, output_dir, resume)
+    with _log_to(run):
+        from transformers import set_seed
+
+        set_seed(cfg.train.seed)
+        tokenizer, hf_config, plan = load_plan(cfg, run)
+        train_ds, eval_ds, data_stats = load_data(cfg, tokenizer, run)
+        model = load_model(cfg, plan, run)
+        trainer = build_trainer(cfg, plan, model, tokenizer, train_ds, eval_ds, run)
+        train(trainer, cfg, run, resume)
+        save(trainer, cfg, run)
+    return run.path
+
+
+# ----------------------------------------------------------------------------- steps
+
+def prepare_run_folder(cfg: Config, output_dir, resume: bool) -> RunFolder:
+    name = cfg.train.run_name or (Path(cfg.source).stem if cfg.source and cfg.source.endswith(".yaml") else "run")
+    path = Path(output_dir) if output_dir else Path(cfg.train.output_dir) / name
+    run = RunFolder(path)
+    if resume:
+        if not run.config_file.is_file():
+            raise UserError(f"{path}: --resume needs an existing run folder (no config.yaml here)")
+        if run.last_checkpoint() is None:
+            raise UserError(f"{path}: --resume found no complete checkpoint under {run.checkpoints_dir}")
+    elif run.metrics_file.exists() or run.checkpoints():
+        raise UserError(f"{path}: already holds a run; pass --resume to continue it or choose --output-dir")
+    path.mkdir(parents=True, exist_ok=True)
+    from .runs import atomic_write_text
+
+    atomic_write_text(run.config_file, to_yaml(cfg))
+    atomic_write_json(path / "env.json", env_info())
+    run.set_status("running")
+    return run
+
+
+def load_plan(cfg: Config, run: RunFolder):
+    from transformers import AutoConfig
+
+    from .hardware import apply_memory_budget, plan
+    from .model import load_tokenizer, model_path
+
+    path = model_path(cfg)
+    hf_config = AutoConfig.from_pretrained(path, revision=cfg.model.revision,
+                                           trust_remote_code=cfg.model.trust_remote_code)
+    p = plan(cfg, hf_config)
+    for r in p.reasons:
+        log.info("plan: %s", r)
+    run.write_json("plan.json", p.to_dict())
+    if cfg.train.memory_budget_gib:
+        apply_memory_budget(p)
+    return load_tokenizer(cfg, path), hf_config, p
+
+
+def load_data(cfg: Config, tokenizer, run: RunFolder):
+    from .data import load_datasets
+
+    train_ds, eval_ds, stats = load_datasets(cfg, tokenizer)
+    if len(train_ds) == 0:
+        raise UserError(f"data.train_file: no trainable example in {cfg.data.train_file}")
+    run.write_json("data_stats.json", stats)
+    return train_ds, eval_ds, stats
+
+
+def load_model(cfg: Config, plan, run: RunFolder):
+    from . import kernels
+    from .model import add_lora
+    from .model import load_model as load_base
+
+    model, _, summary = load_base(cfg, for_training=True, plan=plan)
+    fused = kernels.apply(model) if plan.kernels == "liger" else []
+    model, lora = add_lora(model, cfg, plan.gradient_checkpointing)
+    summary.update(lora, kernels=fused, gradient_checkpointing=plan.gradient_checkpointing)
+    run.write_json("model_summary.json", summary)
+    log.info("model: %s %s, %d/%d linear layers 4-bit, %d LoRA modules, %.2f M trainable params, "
+             "base weights %.2f GiB", summary["architecture"], summary["quantization"] or "16-bit",
+             summary["n_linear_4bit"], summary["n_linear_total"], summary["n_lora_modules"],
+             summary["trainable_params"] / 1e6, summary["weights_bytes"] / 2**30)
+    return model
+
+
+def build_trainer(cfg: Config, plan, model, tokenizer, train_ds, eval_ds, run: RunFolder):
+    from transformers import TrainingArguments
+
+    from .data.packing import Collator
+
+    t = cfg.train
+    report_to = _setup_wandb(cfg, run)
+    has_eval = eval_ds is not None and len(eval_ds) > 0
+    args = TrainingArguments(
+        output_dir=str(run.checkpoints_dir),
+        run_name=run.path.name,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=plan.per_device_train_batch_size,
+        per_device_eval_batch_size=plan.per_device_train_batch_size,
+        gradient_accumulation_steps=plan.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=math.ceil(t.warmup_ratio * t.max_steps),
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=plan.optim,
+        bf16=plan.mixed_precision == "bf16",
+        fp16=plan.mixed_precision == "fp16",
+        gradient_checkpointing=False,  # applied (or not) by model.add_lora, as the plan says
+        logging_steps=t.logging_steps,
+        logging_nan_inf_filter=False,  # a NaN must be seen, not averaged away
+        eval_strategy=("steps" if t.eval_steps else "no") if has_eval else "no",
+        eval_steps=t.eval_steps if has_eval else None,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        data_seed=t.seed,
+        report_to=report_to,
+        remove_unused_columns=False,
+        dataloader_num_workers=t.dataloader_num_workers,
+        use_cpu=plan.device == "cpu",
+        disable_tqdm=False,
+        ddp_find_unused_parameters=False,
+    )
+    collator = Collator(tokenizer.pad_token_id, packing=cfg.data.packing)
+    trainer = _Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds if has_eval else None,
+                       data_collator=collator, processing_class=tokenizer)
+    trainer.add_callback(_RunCallback(trainer, run))
+    return trainer
+
+
+def train(trainer, cfg: Config, run: RunFolder, resume: bool) -> None:
+    checkpoint = None
+    if resume:
+        checkpoint = run.last_checkpoint()
+        step = int(checkpoint.name.split("-")[1])
+        run.truncate_metrics(step)
+        state = RunFolder(checkpoint).read_json(STATE_FILE) or {}
+        trainer.tokens_trained = int(state.get("tokens", 0))
+        log.info("resuming from %s (step %d)", checkpoint, step)
+    stop = _GracefulStop()
+    trainer.graceful_stop = stop
+    t0 = time.perf_counter()
+    _reset_peak_memory()
+    try:
+        with stop:
+            result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except Exception as e:
+        _record_failure(trainer, run, e)
+        raise
+    trainer.train_seconds = time.perf_counter() - t0
+    trainer.train_result = result
+    cb = next(c for c in trainer.callback_handler.callbacks if isinstance(c, _RunCallback))
+    if cb.failure:
+        run.set_status(f"failed: {cb.failure}", step=cb.failure_step)
+        raise UserError(f"{run.path}: training stopped at step {cb.failure_step}: {cb.failure}; "
+                        f"last good checkpoint: {run.last_checkpoint()}")
+    if stop.signum is not None:
+        run.set_status("interrupted", step=trainer.state.global_step, signal=stop.signum)
+        raise Interrupted(f"{run.path}: interrupted by signal {stop.signum} at step {trainer.state.global_step}; "
+                          f"checkpoint saved: resume with --resume")
+
+
+def save(trainer, cfg: Config, run: RunFolder) -> None:
+    import torch
+
+    final_eval = None
+    if trainer.eval_dataset is not None:
+        last = [r for r in run.metrics() if "eval_loss" in r]
+        if last and last[-1]["step"] == trainer.state.global_step:
+            final_eval = last[-1]["eval_loss"]
+        else:
+            final_eval = trainer.evaluate()["eval_loss"]
+    run.save_adapter(trainer.model)
+    rows = [r for r in run.metrics() if r.get("loss") is not None]
+    cuda = torch.cuda.is_available()
+    secs = trainer.train_seconds
+    summary = {
+        "method": cfg.method,
+        "status": "completed",
+        "steps": trainer.state.global_step,
+        "train_runtime_s": round(secs, 3),
+        "tokens_trained": trainer.tokens_trained,
+        "tokens_per_s": round(trainer.tokens_trained_this_session / secs, 2) if secs else None,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+        "peak_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
+        "final_train_loss": rows[-1]["loss"] if rows else None,
+        "final_eval_loss": final_eval,
+        "device": env_info()["device"],
+    }
+    run.write_json("train_summary.json", summary)
+    run.set_status("completed", step=trainer.state.global_step)
+    log.info("done: %d steps in %.1f s, %.0f trained tokens/s, final loss %s, eval loss %s; adapter: %s",
+             summary["steps"], secs, summary["tokens_per_s"] or 0, summary["final_train_loss"], final_eval,
+             run.adapter_dir)
+    if cfg.logging.report_to == "wandb":
+        try:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.run.summary.update({k: v for k, v in summary.items() if v is not None})
+                wandb.finish()
+        except ImportError:
+            pass
+
+
+# ----------------------------------------------------------------------------- pieces
+
+class Interrupted(UserError):
+    exit_code = 130
+
+
+try:
+    from transformers import Trainer as _HFTrainer
+    from transformers import TrainerCallback as _HFCallback
+except ImportError:  # pragma: no cover - transformers is a hard dependency
+    _HFTrainer = _HFCallback = object
+
+
+class _Trainer(_HFTrainer):
+    """Trainer that counts trained (unmasked) tokens, the x-axis users compare runs on."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.tokens_trained = 0
+        self._tokens_at_start = None
+
+    @property
+    def tokens_trained_this_session(self) -> int:
+        return self.tokens_trained - (self._tokens_at_start or 0)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.get("labels")
+        if labels is not None and model.training:
+            if self._tokens_at_start is None:
+                self._tokens_at_start = self.tokens_trained
+            n = int((labels[..., 1:] != -100).sum())
+            self.tokens_trained += n * self.args.world_size
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
+
+class _RunCallback(_HFCallback):
+    """Writes metrics.jsonl, stops on a non-finite loss, marks checkpoints complete, honours SIGTERM."""
+
+    def __init__(self, trainer, run: RunFolder):
+        self.trainer = trainer
+        self.run = run
+        self.failure = None
+        self.failure_step = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "train_runtime" in logs or not state.is_world_process_zero:
+            return
+        row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "tokens": self.trainer.tokens_trained}
+        if "eval_loss" in logs:
+            row["eval_loss"] = logs["eval_loss"]
+        else:
+            for k in ("loss", "learning_rate", "grad_norm"):
+                if k in logs:
+                    row[k] = float(logs[k])
+        loss = row.get("loss", row.get("eval_loss"))
+        if loss is not None and not math.isfinite(loss):
+            self.failure = "non-finite loss"
+            self.failure_step = state.global_step
+            log.error("non-finite loss (%s) at step %d: stopping; the last checkpoint is kept", loss,
+                      state.global_step)
+            control.should_save = False
+            control.should_evaluate = False
+            control.should_training_stop = True
+        self.run.append_metric(row)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        stop = getattr(self.trainer, "graceful_stop", None)
+        if stop is not None and stop.signum is not None and self.failure is None:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if ckpt.is_dir():
+            atomic_write_json(ckpt / STATE_FILE, {"step": state.global_step, "tokens": self.trainer.tokens_trained})
+
+
+class _GracefulStop:
+    """SIGTERM / SIGINT: finish the current step, save a checkpoint, stop."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("signal %d: saving a checkpoint after this step, then stopping", signum)
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        return False
+
+
+def _record_failure(trainer, run: RunFolder, e: Exception) -> None:
+    import torch
+
+    if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
+        run.set_status("failed: out of memory", step=trainer.state.global_step)
+        raise UserError(
+            f"out of GPU memory at step {trainer.state.global_step}: lower train.per_device_train_batch_size "
+            f"(raise gradient_accumulation_steps to keep the global batch), lower data.max_length, set "
+            f"train.gradient_checkpointing=true, or raise train.memory_budget_gib if the GPU has more") from None
+    run.set_status(f"failed: {type(e).__name__}", step=trainer.state.global_step)
+
+
+def _reset_peak_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _setup_wandb(cfg: Config, run: RunFolder) -> list[str]:
+    """wandb when asked; offline (and said so) without an API key. Keys stay in the environment."""
+    if cfg.logging.report_to != "wandb":
+        return []
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+        log.warning("wandb is not installed: logging to metrics.jsonl only")
+        return []
+    if not os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") not in ("offline", "disabled"):
+        if not _wandb_logged_in():
+            os.environ["WANDB_MODE"] = "offline"
+            log.warning("no WANDB_API_KEY: wandb runs offline in %s/wandb (upload later with `wandb sync`)",
+                        run.path)
+    os.environ["WANDB_PROJECT"] = cfg.logging.project
+    if cfg.logging.entity:
+        os.environ["WANDB_ENTITY"] = cfg.logging.entity
+    os.environ["WANDB_DIR"] = str(run.path)
+    os.environ.setdefault("WANDB_LOG_MODEL", "false")
+    return ["wandb"]
+
+
+def _wandb_logged_in() -> bool:
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
+
+
+class _log_to:
+    """Log to the console and to run/train.log for the duration of a run."""
+
+    def __init__(self, run: RunFolder):
+        self.run = run
+
+    def __enter__(self):
+        root = logging.getLogger("qlora_lab")
+        root.setLevel(logging.INFO)
+        fmt = logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s")
+        self.file = logging.FileHandler(self.run.path / "train.log", encoding="utf-8")
+        self.file.setFormatter(fmt)
+        root.addHandler(self.file)
+        self.console = None
+        if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+                   for h in root.handlers):
+            self.console = logging.StreamHandler(sys.stderr)
+            self.console.setFormatter(logging.Formatter("qlora-lab: %(message)s"))
+            root.addHandler(self.console)
+        return self
+
+    def __exit__(self, *exc):
+        root = logging.getLogger("qlora_lab")
+        for h in (self.file, self.console):
+            if h is not None:
+                root.removeHandler(h)
+                h.close()
+        return False
