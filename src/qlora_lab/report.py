@@ -1,0 +1,447 @@
+"""Comparison tables: run folders and generations in, DataFrame / Markdown / HTML out.
+
+* `read_run(path)`: what a run folder says about itself (config, model and train summaries, env).
+* `summary_table(runs)`: one row per run: method, trainable params, peak memory, train time, losses.
+* `comparison_table(generations, prompts)`: rows = prompts with their level, columns = base, each run.
+* `to_markdown` / `to_html`: the two tables, long answers wrapped and collapsible.
+* `write_study` / `load_study`: the committed-results layout under ``assets/studies/<study>/``.
+
+Nothing here loads a model; everything is read from files, so a user with no GPU and no network
+can rebuild every table.
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import pandas as pd
+import yaml
+
+from .errors import UserError
+
+GiB = 1024**3
+# Answers longer than this many characters fold into a <details> block (first part stays visible).
+FOLD_CHARS = 280
+PREVIEW_CHARS = 160
+
+
+# ----------------------------------------------------------------------------- files
+
+def write_atomic(path, data) -> Path:
+    """Write text or bytes to `path` via a temp file in the same folder, then os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_jsonl(path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{i}: invalid JSON: {e.msg}") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{i}: each line must be a JSON object")
+        rows.append(row)
+    return rows
+
+
+def _read_json(path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        return {}
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{p}:{e.lineno}: invalid JSON: {e.msg}") from None
+
+
+# ----------------------------------------------------------------------------- runs
+
+@dataclass
+class Run:
+    path: Path
+    name: str
+    config: dict                   # the resolved config as written (plain dict)
+    model_summary: dict = field(default_factory=dict)
+    train_summary: dict = field(default_factory=dict)
+    env: dict = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        m = self.train_summary.get("method")
+        if m:
+            return str(m)
+        return "qlora" if (self.config.get("quant") or {}).get("bits") == 4 else "lora"
+
+    @property
+    def model_name(self) -> str:
+        m = self.config.get("model") or {}
+        if m.get("random_init"):
+            return f"{m['random_init']} (random weights)"
+        return str(m.get("name_or_path") or "?")
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def adapter_path(self) -> Path:
+        return self.path / "adapter"
+
+
+def read_run(path) -> Run:
+    """Read a run folder. UserError if it is missing or is not a run folder (no config.yaml)."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: run folder not found")
+    if not p.is_dir() or not (p / "config.yaml").is_file():
+        raise UserError(f"{p}: not a run folder (expected config.yaml, metrics.jsonl, adapter/ "
+                        f"as written by `qlora-lab train`)")
+    try:
+        config = yaml.safe_load((p / "config.yaml").read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{p / 'config.yaml'}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    return Run(path=p, name=p.resolve().name, config=config,
+               model_summary=_read_json(p / "model_summary.json"),
+               train_summary=_read_json(p / "train_summary.json"),
+               env=_read_json(p / "env.json"))
+
+
+def read_runs(paths: Iterable) -> list[Run]:
+    runs = [r if isinstance(r, Run) else read_run(r) for r in paths]
+    names = [r.name for r in runs]
+    for r in runs:  # two runs with the same folder name: tell them apart by their parent folder
+        if names.count(r.name) > 1:
+            r.name = f"{r.path.resolve().parent.name}/{r.name}"
+    return runs
+
+
+def device_of(run: Run) -> str:
+    """The machine a run trained on, in words, from its env.json (whatever keys it has)."""
+    env = run.env or {}
+    for key in ("gpu_name", "device_name", "gpu", "cuda_device_name", "device"):
+        v = env.get(key)
+        if isinstance(v, list):
+            v = ", ".join(map(str, v))
+        if isinstance(v, dict):
+            v = v.get("name")
+        if v:
+            return str(v)
+    plan = env.get("plan") or run.train_summary.get("plan") or {}
+    if isinstance(plan, dict) and plan.get("device_name"):
+        return str(plan["device_name"])
+    return "unknown machine"
+
+
+# ----------------------------------------------------------------------------- summary
+
+def _fmt_int(n) -> str:
+    return "n/a" if n is None else f"{int(n):,}"
+
+
+def _fmt_bytes(n) -> str:
+    return "n/a (CPU)" if n is None else f"{n / GiB:.2f} GiB"
+
+
+def _fmt_time(s) -> str:
+    if s is None:
+        return "n/a"
+    s = float(s)
+    return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.2f} h"
+
+
+def _fmt_loss(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{float(x):.4f}"
+
+
+def summary_table(runs: Sequence, formatted: bool = True) -> pd.DataFrame:
+    """One row per run: method, trainable params, peak memory, train time, final train/eval loss.
+
+    formatted=False keeps raw numbers (bytes, seconds) for further computation.
+    """
+    rows = []
+    for r in read_runs(runs):
+        ms, ts = r.model_summary, r.train_summary
+        trainable, total = ms.get("trainable_params"), ms.get("total_params")
+        row = {
+            "run": r.name,
+            "method": r.method,
+            "model": r.model_name,
+            "quantization": ms.get("quantization") or ("nf4" if r.method == "qlora" else "none (16-bit)"),
+            "trainable params": trainable,
+            "trainable %": (100.0 * trainable / total) if trainable and total else None,
+            "peak memory": ts.get("peak_memory_bytes"),
+            "train time": ts.get("train_runtime_s"),
+            "final train loss": ts.get("final_train_loss"),
+            "final eval loss": ts.get("final_eval_loss"),
+            "device": device_of(r),
+            "status": ts.get("status", "no train_summary.json"),
+        }
+        if formatted:
+            row["trainable params"] = _fmt_int(trainable)
+            row["trainable %"] = "n/a" if row["trainable %"] is None else f"{row['trainable %']:.3f}%"
+            row["peak memory"] = _fmt_bytes(row["peak memory"])
+            row["train time"] = _fmt_time(row["train time"])
+            row["final train loss"] = _fmt_loss(row["final train loss"])
+            row["final eval loss"] = _fmt_loss(row["final eval loss"])
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("run") if rows else pd.DataFrame()
+
+
+# ----------------------------------------------------------------------------- comparison
+
+def comparison_table(generations, prompts=None, models: Optional[Sequence[str]] = None) -> pd.DataFrame:
+    """Rows: prompts (with their level), columns: base then each run, cells: the answers.
+
+    `generations`: rows as written by `qlora_lab.generate` (or a path to that JSONL).
+    `prompts`: a PromptSet (or name/path) that fixes the row order and levels; default: order seen.
+    `models`: column order; default: base first, then runs in the order seen.
+    """
+    from .prompts import load_prompts
+
+    rows = read_jsonl(generations) if isinstance(generations, (str, os.PathLike)) else list(generations)
+    if not rows:
+        raise UserError("no generations to compare")
+    seen_models, seen_prompts, cells, meta = [], [], {}, {}
+    for g in rows:
+        m, pid = g["model"], g["prompt_id"]
+        if m not in seen_models:
+            seen_models.append(m)
+        if pid not in meta:
+            seen_prompts.append(pid)
+            meta[pid] = (g.get("level"), g.get("prompt"))
+        cells[(pid, m)] = g.get("answer", "")
+    if models is None:
+        base = [m for m in seen_models if _is_base_label(m, rows)]
+        models = base + [m for m in seen_models if m not in base]
+    if prompts is not None:
+        ps = load_prompts(prompts)
+        order = [p.id for p in ps if p.id in meta] + [pid for pid in seen_prompts if pid not in ps.by_id()]
+        levels = {lv: i for i, lv in enumerate(ps.levels)}
+        order.sort(key=lambda pid: levels.get(meta[pid][0], len(levels)))  # stable: keeps file order
+    else:
+        order = seen_prompts
+    data = []
+    for pid in order:
+        level, text = meta[pid]
+        data.append({"level": level or "", "prompt": text or pid,
+                     **{m: cells.get((pid, m)) for m in models}})
+    df = pd.DataFrame(data, columns=["level", "prompt", *models])
+    df.index = pd.Index(order, name="prompt_id")
+    return df
+
+
+def _is_base_label(label: str, rows) -> bool:
+    return any(g["model"] == label and g.get("adapter") in (None, "") for g in rows)
+
+
+def _md_cell(text) -> str:
+    if text is None:
+        return "—"
+    s = html.escape(str(text).strip(), quote=False).replace("|", "\\|")
+    s = s.replace("\r\n", "\n").replace("\n", "<br>")
+    return s or "*(empty)*"
+
+
+def _md_answer(text) -> str:
+    if text is None:
+        return "*(not generated)*"
+    raw = str(text).strip()
+    if len(raw) <= FOLD_CHARS:
+        return _md_cell(raw)
+    cut = raw.rfind(" ", 0, PREVIEW_CHARS)
+    cut = cut if cut > PREVIEW_CHARS // 2 else PREVIEW_CHARS
+    return (f"<details><summary>{_md_cell(raw[:cut])} …</summary>{_md_cell(raw[cut:])}"
+            f"</details>")
+
+
+def to_markdown(table: pd.DataFrame, summary: Optional[pd.DataFrame] = None, title: str = "",
+                notes: Sequence[str] = ()) -> str:
+    """GitHub Markdown: the run summary, then the side-by-side answers (long ones collapsible)."""
+    out = []
+    if title:
+        out += [f"## {title}", ""]
+    out += [f"> {n}" for n in notes] + ([""] if notes else [])
+    if summary is not None and len(summary):
+        out += ["### Runs", "", _md_table(summary.reset_index()), ""]
+    if table is not None and len(table):
+        models = [c for c in table.columns if c not in ("level", "prompt")]
+        header = ["level", "prompt", *models]
+        lines = ["| " + " | ".join(_md_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+        for _, row in table.iterrows():
+            cells = [_md_cell(row["level"]), _md_cell(row["prompt"])] + [_md_answer(row[m]) for m in models]
+            lines.append("| " + " | ".join(cells) + " |")
+        out += ["### Answers", "", *lines, ""]
+    return "\n".join(out)
+
+
+def _md_table(df: pd.DataFrame) -> str:
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(map(_md_cell, cols)) + " |", "|" + "---|" * len(cols)]
+    for _, row in df.iterrows():
+        lines.append("| " + " | ".join(_md_cell(row[c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+_CSS = """<style>
+.qlab table{border-collapse:collapse;font:13px/1.4 system-ui,sans-serif;margin:0 0 1.5em}
+.qlab th,.qlab td{border:1px solid #ccc;padding:6px 8px;vertical-align:top;text-align:left}
+.qlab th{background:#f3f3f3}
+.qlab td.answer{white-space:pre-wrap;word-wrap:break-word;max-width:36em;min-width:14em}
+.qlab td.level{white-space:nowrap;font-weight:600}
+.qlab details summary{cursor:pointer}
+</style>"""
+
+
+def _html_answer(text) -> str:
+    if text is None:
+        return "<em>(not generated)</em>"
+    raw = str(text).strip()
+    if len(raw) <= FOLD_CHARS:
+        return html.escape(raw) or "<em>(empty)</em>"
+    cut = raw.rfind(" ", 0, PREVIEW_CHARS)
+    cut = cut if cut > PREVIEW_CHARS // 2 else PREVIEW_CHARS
+    return (f"<details><summary>{html.escape(raw[:cut])} …</summary>{html.escape(raw[cut:])}</details>")
+
+
+def to_html(table: pd.DataFrame, summary: Optional[pd.DataFrame] = None, title: str = "",
+            notes: Sequence[str] = (), standalone: bool = True) -> str:
+    """HTML: the run summary and the answers, wrapped text, long answers in <details>."""
+    out = [_CSS, '<div class="qlab">']
+    if title:
+        out.append(f"<h2>{html.escape(title)}</h2>")
+    out += [f"<p><em>{html.escape(n)}</em></p>" for n in notes]
+    if summary is not None and len(summary):
+        out.append("<h3>Runs</h3>")
+        out.append(summary.reset_index().to_html(index=False, escape=True, border=0))
+    if table is not None and len(table):
+        models = [c for c in table.columns if c not in ("level", "prompt")]
+        out.append("<h3>Answers</h3><table><thead><tr><th>level</th><th>prompt</th>"
+                   + "".join(f"<th>{html.escape(str(m))}</th>" for m in models) + "</tr></thead><tbody>")
+        for _, row in table.iterrows():
+            out.append(f'<tr><td class="level">{html.escape(str(row["level"]))}</td>'
+                       f'<td class="answer">{html.escape(str(row["prompt"]))}</td>'
+                       + "".join(f'<td class="answer">{_html_answer(row[m])}</td>' for m in models) + "</tr>")
+        out.append("</tbody></table>")
+    out.append("</div>")
+    body = "\n".join(out)
+    if not standalone:
+        return body
+    t = html.escape(title or "qlora-lab comparison")
+    return f'<!doctype html>\n<html><head><meta charset="utf-8"><title>{t}</title></head><body>\n{body}\n</body></html>\n'
+
+
+# ----------------------------------------------------------------------------- studies (assets/)
+
+STUDY_FILES = ("summary.json", "table.md", "table.html", "generations.jsonl", "loss.png", "loss.svg")
+
+
+def provenance(runs: Sequence) -> list[str]:
+    """Plain sentences saying what produced the results: model, weights, method, machine."""
+    lines = []
+    for r in read_runs(runs):
+        m = r.config.get("model") or {}
+        model = (f"{m['random_init']} with random weights (real shape, meaningless text)" if m.get("random_init")
+                 else f"{m.get('name_or_path')} (pretrained weights)")
+        steps = (r.config.get("train") or {}).get("max_steps")
+        lines.append(f"{r.name}: {r.method.upper()} fine-tune of {model}, "
+                     f"{steps} steps, trained on {device_of(r)}.")
+    return lines
+
+
+def write_study(out_dir, runs: Sequence, generations=None, prompts=None, title: str = "",
+                notes: Sequence[str] = ()) -> dict[str, Path]:
+    """Write the results of a study to `out_dir` (summary.json, table.md/html, metrics/, generations).
+
+    The caller saves the loss figure (plots.save_figure) into the same folder as loss.png/.svg.
+    """
+    out = Path(out_dir)
+    runs = read_runs(runs)
+    summary = summary_table(runs)
+    raw = summary_table(runs, formatted=False)
+    table = None
+    written = {}
+    if generations is not None:
+        rows = read_jsonl(generations) if isinstance(generations, (str, os.PathLike)) else list(generations)
+        table = comparison_table(rows, prompts)
+        written["generations.jsonl"] = write_atomic(
+            out / "generations.jsonl", "".join(json.dumps(g, ensure_ascii=False) + "\n" for g in rows))
+    notes = [*provenance(runs), *notes]
+    written["table.md"] = write_atomic(out / "table.md", to_markdown(table, summary, title, notes))
+    written["table.html"] = write_atomic(out / "table.html", to_html(table, summary, title, notes))
+    for r in runs:
+        if r.metrics_path.is_file():
+            dst = out / "metrics" / f"{r.name.replace('/', '_')}.jsonl"
+            written[f"metrics/{dst.name}"] = write_atomic(dst, r.metrics_path.read_bytes())
+    doc = {
+        "title": title,
+        "provenance": notes,
+        "runs": {name: {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+                 for name, row in raw.to_dict(orient="index").items()},
+        "configs": {r.name: r.config for r in runs},
+        "model_summaries": {r.name: r.model_summary for r in runs},
+        "env": {r.name: r.env for r in runs},
+    }
+    written["summary.json"] = write_atomic(out / "summary.json", json.dumps(doc, indent=2, default=str) + "\n")
+    return written
+
+
+@dataclass
+class Study:
+    """Committed results of one study, as `load_study` finds them. Renders itself in a notebook."""
+    path: Path
+    available: bool
+    message: str
+    summary: dict = field(default_factory=dict)
+    markdown: str = ""
+    html: str = ""
+    metrics: dict = field(default_factory=dict)   # run name -> metrics.jsonl path
+    loss_png: Optional[Path] = None
+
+    def _repr_markdown_(self) -> str:
+        return self.markdown if self.available else f"**{self.message}**"
+
+    def _repr_html_(self) -> Optional[str]:
+        if not self.available:
+            return f"<p><strong>{html.escape(self.message)}</strong></p>"
+        return self.html or None
+
+
+def load_study(path) -> Study:
+    """Read a study folder under assets/. Absent results give available=False and say so plainly."""
+    p = Path(path)
+    summary_path = p / "summary.json"
+    if not summary_path.is_file():
+        return Study(path=p, available=False,
+                     message=f"No results committed yet under {p} (no summary.json). They are produced "
+                             f"by running this notebook with RUN_TRAINING=True on a GPU; nothing is shown "
+                             f"rather than made-up numbers.")
+    summary = _read_json(summary_path)
+    md = (p / "table.md").read_text(encoding="utf-8") if (p / "table.md").is_file() else ""
+    ht = (p / "table.html").read_text(encoding="utf-8") if (p / "table.html").is_file() else ""
+    metrics = {f.stem: f for f in sorted((p / "metrics").glob("*.jsonl"))} if (p / "metrics").is_dir() else {}
+    prov = " ".join(summary.get("provenance") or [])
+    return Study(path=p, available=True, message=f"Results in {p}. Produced by: {prov or 'unknown'}",
+                 summary=summary, markdown=md, html=ht, metrics=metrics,
+                 loss_png=(p / "loss.png") if (p / "loss.png").is_file() else None)
