@@ -1,0 +1,94 @@
+"""4-bit loading is verified, not trusted: Llama and Falcon, the loader's blind spot, LoRA targets."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from qlora_lab.config import load_config
+from qlora_lab.model import QuantizationError, TARGETS, add_lora, load_model
+
+from .conftest import CONFIGS
+
+
+def _cfg(name, *sets):
+    return load_config(CONFIGS / f"{name}.yaml", list(sets))
+
+
+@pytest.mark.parametrize("name,n_layers_linear", [("tiny_llama_qlora", 7), ("tiny_falcon_qlora", 4)])
+def test_qlora_quantizes_every_block_linear(name, n_layers_linear):
+    import bitsandbytes as bnb
+
+    cfg = _cfg(name)
+    model, tok, s = load_model(cfg)
+    n_layers = model.config.num_hidden_layers
+    assert s["quantization"] == "nf4" and s["double_quant"]
+    assert s["n_linear_4bit"] == n_layers * n_layers_linear == s["n_linear_expected_4bit"]
+    assert s["n_linear_total"] == s["n_linear_4bit"] + 1  # lm_head stays 16-bit, as in QLoRA
+    for name_, m in model.named_modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            assert m.weight.quant_type == "nf4" and m.weight.compress_statistics  # double quant
+    assert tok.pad_token_id != tok.eos_token_id
+
+
+def test_lora_config_loads_16bit():
+    model, _, s = load_model(_cfg("tiny_llama_lora"))
+    assert s["quantization"] is None and s["n_linear_4bit"] == 0
+    assert next(model.parameters()).dtype == torch.float32  # CPU compute dtype
+
+
+def test_falcon_linear_subclass_would_be_skipped_by_the_loader(monkeypatch):
+    """Without our alias the loader leaves FalconLinear in 16 bits; the fallback quantizes it."""
+    import qlora_lab.model as M
+
+    monkeypatch.setattr(M, "_LINEAR_ALIASES", {})
+    _, _, s = load_model(_cfg("tiny_falcon_qlora"))
+    assert s["n_linear_4bit"] == s["n_linear_expected_4bit"] == 8
+
+
+def test_still_16bit_after_fallback_is_an_error(monkeypatch):
+    import qlora_lab.model as M
+
+    monkeypatch.setattr(M, "_LINEAR_ALIASES", {})
+    monkeypatch.setattr(M, "quantize_in_place", lambda *a, **k: None)
+    with pytest.raises(QuantizationError, match="still 16-bit"):
+        load_model(_cfg("tiny_falcon_qlora"))
+
+
+@pytest.mark.parametrize("name", ["tiny_llama_qlora", "tiny_falcon_qlora", "tiny_llama_lora"])
+def test_lora_on_all_linear_and_gradients_flow(name):
+    cfg = _cfg(name)
+    model, _, _ = load_model(cfg, for_training=True)
+    arch = model.config.model_type
+    peft_model, info = add_lora(model, cfg, gradient_checkpointing=True)
+    assert info["lora_targets"] == TARGETS[arch]
+    assert info["n_lora_modules"] == len(TARGETS[arch]) * model.config.num_hidden_layers
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    peft_model.train()
+    x = torch.randint(4, 200, (2, 12))
+    loss = peft_model(input_ids=x, labels=x).loss
+    loss.backward()  # no "does not require grad" with checkpointing on
+    grads = [p.grad for n, p in peft_model.named_parameters() if p.requires_grad and "lora_B" in n]
+    assert all(g is not None for g in grads)
+
+
+def test_explicit_targets_are_respected():
+    cfg = _cfg("tiny_llama_qlora", "lora.target_modules=[q_proj, v_proj]")
+    model, _, _ = load_model(cfg, for_training=True)
+    _, info = add_lora(model, cfg, gradient_checkpointing=False)
+    assert info["n_lora_modules"] == 2 * model.config.num_hidden_layers
+
+
+def test_unknown_target_is_a_user_error():
+    from qlora_lab.errors import UserError
+
+    cfg = _cfg("tiny_llama_qlora", "lora.target_modules=[nope_proj]")
+    model, _, _ = load_model(cfg, for_training=True)
+    with pytest.raises((UserError, ValueError)):
+        add_lora(model, cfg, gradient_checkpointing=False)
+
+
+def test_trust_remote_code_is_off_by_default():
+    for p in CONFIGS.glob("*.yaml"):
+        assert load_config(p).model.trust_remote_code is False
