@@ -1,7 +1,94 @@
-"""`qlora-lab data ...` sub-commands."""
+"""`qlora-lab data ...` sub-commands: thin wrappers over oasst1.py, lima.py and stats.py.
+
+    qlora-lab data oasst1 INPUT -o OUT.jsonl [--lang en de ...] [--split train]
+    qlora-lab data lima INPUT -o OUT.jsonl [--split train]
+    qlora-lab data stats FILE.jsonl --config CONFIG [--set data.max_length=1024] [--png FILE.png]
+"""
 from __future__ import annotations
+
+import argparse
+
+
+def cmd_oasst1(args) -> int:
+    from .oasst1 import prepare_oasst1
+
+    langs = [x for item in (args.lang or []) for x in item.split(",") if x] or None
+    counts = prepare_oasst1(args.input, args.output, langs=langs, split=args.split)
+    print(counts.summary())
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_lima(args) -> int:
+    from .lima import prepare_lima
+
+    counts = prepare_lima(args.input, args.output, split=args.split)
+    print(counts.summary())
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_stats(args) -> int:
+    from ..config import load_config
+    from .stats import length_stats, tokenizer_for, write_png
+
+    cfg = load_config(args.config, args.overrides)
+    st = length_stats(args.file, tokenizer_for(cfg), cfg.data)
+    print(st.text(bins=args.bins))
+    png = write_png(st, args.png)
+    if png:
+        print(f"wrote {png}")
+    return 0
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("data", help="prepare training data (OASST1 best paths, LIMA) and show stats")
-    p.set_defaults(func=lambda args: p.print_help() or 2)
+    p = sub.add_parser("data", help="prepare training data (OASST1 best paths, LIMA) and show stats",
+                       description="Prepare conversations (one JSON object per line: id, messages, text) "
+                                   "and inspect their token lengths.")
+    dsub = p.add_subparsers(dest="data_verb", metavar="COMMAND")
+    dsub.required = True
+
+    q = dsub.add_parser(
+        "oasst1", help="OASST1 message trees -> the best-ranked conversation of each tree",
+        description="One conversation per tree: from the root prompt, follow the best-ranked reply "
+                    "(rank 0 first; unranked last; ties: earliest created_date, then smallest "
+                    "message_id). Deleted subtrees and trees not ready_for_export are skipped; a path "
+                    "ending on a prompter loses that message.")
+    q.add_argument("input", help="flat message table (.jsonl), nested tree export (.trees.jsonl), "
+                                 "either gzipped or not, or the hub id OpenAssistant/oasst1")
+    q.add_argument("-o", "--output", required=True, help="prepared JSONL to write (replaced atomically)")
+    q.add_argument("--lang", action="extend", nargs="+", metavar="LANG",
+                   help="keep trees whose root prompt is in one of these languages (e.g. en es); default all")
+    q.add_argument("--split", default="train", help="hub split (train or validation); ignored for files")
+    q.set_defaults(func=cmd_oasst1)
+
+    q = dsub.add_parser("lima", help="LIMA JSONL -> prepared conversations",
+                        description="LIMA rows ({conversations: [user, assistant, ...], source}) -> "
+                                    "prepared conversations; prompt-only rows (the test file) are kept "
+                                    "and marked prompt_only.")
+    q.add_argument("input", help="LIMA .jsonl (train or test), gzipped or not, or the hub id GAIR/lima")
+    q.add_argument("-o", "--output", required=True, help="prepared JSONL to write (replaced atomically)")
+    q.add_argument("--split", default="train", help="hub split (train or test); ignored for files")
+    q.set_defaults(func=cmd_lima)
+
+    q = dsub.add_parser("stats", help="counts and token-length histogram of a prepared file",
+                        description="Tokenize a prepared file as training would (the config's model "
+                                    "tokenizer and data.format) and print counts, length percentiles "
+                                    "and a histogram; also write it as a PNG.")
+    q.add_argument("file", help="prepared JSONL (output of `data oasst1` or `data lima`)")
+    q.add_argument("--config", required=True, help="YAML config: its tokenizer, format and max_length are used")
+    q.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config key, e.g. --set data.format=lima_eot")
+    q.add_argument("--png", default=None, help="histogram image (default: FILE with suffix .lengths.png)")
+    q.add_argument("--bins", type=_positive, default=10, help="histogram rows in the text output")
+    q.set_defaults(func=cmd_stats)
+
+
+def _positive(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer (got {s!r})") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer (got {s!r})")
+    return v
