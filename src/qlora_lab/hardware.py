@@ -1,8 +1,13 @@
 """Every hardware-dependent choice, made in one place and logged (like nanoGPT's one dtype line).
 
-`plan(cfg)` looks at the GPU (or its absence), the model's shape, the sequence length and the memory
-budget, and returns the compute dtype, whether to recompute activations, the kernels, the optimizer
-and the micro-batch. Each config key can force a choice; `reasons` says why each was made.
+`plan(cfg, model_config)` looks at the GPU (or its absence), the model's shape, the sequence length
+and the memory budget, and returns the compute dtype, the kernels, how many decoder layers recompute
+their activations (none, some or all), the micro-batch and the optimizer. Each config key can force a
+choice; `reasons` says why each was made, and train.py writes the plan to the run folder (plan.json).
+
+The memory model below is an estimate per token and per layer, fitted to the peaks measured by
+`qlora-lab bench` on an H100 (assets/bench/README.md); `est_peak_gib` is logged beside the choice so a
+wrong estimate shows up next to the measured peak in train_summary.json.
 """
 from __future__ import annotations
 
@@ -11,6 +16,17 @@ from dataclasses import dataclass, field
 
 GiB = 1024**3
 
+# Fraction of the card the planner may fill when no budget is set (the rest: CUDA context, fragmentation).
+DEFAULT_FILL = 0.90
+# Headroom (GiB) for the allocator's fragmentation, cuBLAS workspaces and the optimizer's temporaries.
+SLACK_GIB = 1.5
+# A micro-batch costs a fixed overhead (dequantizing every 4-bit weight twice, launches), expressed in
+# tokens of compute; smaller micro-batches are cheap until they get this small.
+MICRO_BATCH_OVERHEAD_TOKENS = 384
+# Recomputing a frozen-base layer costs half again its forward+backward (the backward of a frozen
+# weight is one matmul, like the forward): full checkpointing = +50% matmul work.
+RECOMPUTE_COST = 0.5
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -18,12 +34,14 @@ class Plan:
     device_name: str
     compute_dtype: str             # "bfloat16" | "float16" | "float32"
     mixed_precision: str | None    # Trainer flag: "bf16" | "fp16" | None
-    gradient_checkpointing: bool
+    gradient_checkpointing: bool   # any layer recomputed
     kernels: str                   # "liger" | "none"
     optim: str
     per_device_train_batch_size: int
     gradient_accumulation_steps: int
     memory_budget_gib: float | None
+    checkpoint_layers: int | None = 0  # decoder layers that recompute activations (0 = none, None = all)
+    est_peak_gib: float | None = None
     reasons: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -50,21 +68,99 @@ def resolve_compute_dtype(requested: str, cuda: bool | None = None) -> tuple[str
     return "float16", "GPU has no bf16 (e.g. T4): fp16 with loss scaling, adapters and norms kept in fp32"
 
 
-def activation_bytes_per_token(model_config, checkpointing: bool) -> float:
-    """Rough bytes of saved activations per token for a LoRA backward (16-bit activations).
+# ----------------------------------------------------------------------------- memory model
 
-    Without recomputation every decoder layer keeps its linear inputs and MLP intermediates:
-    about 34*hidden + 3*mlp_width values per layer; with it, only each layer's input.
-    """
-    h = model_config.hidden_size
-    layers = model_config.num_hidden_layers
-    mlp = getattr(model_config, "intermediate_size", None) or getattr(model_config, "ffn_hidden_size", None) or 4 * h
-    if checkpointing:
-        per_layer = 2 * h
+def _shape(mc) -> dict:
+    """Hidden size, MLP width, layers, vocab and linear-layer shapes (in, out) of one decoder block."""
+    h, n = mc.hidden_size, mc.num_hidden_layers
+    heads = mc.num_attention_heads
+    hd = h // heads
+    if mc.model_type == "falcon":
+        m = getattr(mc, "ffn_hidden_size", None) or 4 * h
+        kv = hd if getattr(mc, "multi_query", True) else h
+        linears = [(h, h + 2 * kv), (h, h), (h, m), (m, h)]
+        tied = getattr(mc, "tie_word_embeddings", True)
     else:
-        per_layer = 2 * (17 * h + 3 * mlp)
-    return layers * per_layer
+        m = getattr(mc, "intermediate_size", None) or 4 * h
+        kv = hd * (getattr(mc, "num_key_value_heads", None) or heads)
+        linears = [(h, h), (h, kv), (h, kv), (h, h), (h, m), (h, m), (m, h)]
+        tied = getattr(mc, "tie_word_embeddings", False)
+    return dict(h=h, m=m, layers=n, vocab=mc.vocab_size, linears=linears, tied=tied)
 
+
+def param_counts(mc, lora_r: int = 64) -> dict:
+    s = _shape(mc)
+    linear = s["layers"] * sum(i * o for i, o in s["linears"])
+    embed = s["vocab"] * s["h"]
+    head = 0 if s["tied"] else embed
+    lora = s["layers"] * sum(lora_r * (i + o) for i, o in s["linears"])
+    return {"linear": linear, "embed": embed, "lm_head": s["vocab"] * s["h"], "head_stored": head, "lora": lora}
+
+
+def weights_gib(mc, bits, dtype_bytes: int = 2) -> float:
+    """Base weights: NF4 + double-quantized scales (~0.52 byte/param) or 16-bit; embeddings and head 16-bit."""
+    p = param_counts(mc)
+    per_param = 0.5 * 1.035 if bits == 4 else dtype_bytes
+    return (p["linear"] * per_param + (p["embed"] + p["head_stored"]) * dtype_bytes) / GiB
+
+
+def activation_bytes_per_token(model_config, checkpointing: bool) -> float:
+    """Saved activations per token for a LoRA backward (16-bit activations, LoRA on every linear).
+
+    Without recomputation a layer keeps each linear's input, each adapter's dropped-out input and
+    mask, the attention inputs and output, the MLP's intermediates: ~20 hidden-size vectors and ~5.5
+    MLP-width vectors. With recomputation only the layer's input (one hidden vector) stays.
+    """
+    s = _shape(model_config)
+    if checkpointing:
+        per_layer = 2 * s["h"]
+    else:
+        per_layer = 2 * (20 * s["h"] + 5.5 * s["m"])
+    return s["layers"] * per_layer
+
+
+def estimate_peak_gib(mc, bits, tokens: int, checkpoint_layers: int, lora_r: int = 64,
+                      fused_ce: bool = True, dtype_bytes: int = 2) -> float:
+    """Peak GPU memory (GiB) of one training step with `tokens` per micro-batch."""
+    s = _shape(mc)
+    n = s["layers"]
+    full = activation_bytes_per_token(mc, False) / n
+    ckpt = activation_bytes_per_token(mc, True) / n
+    k = max(0, min(n, checkpoint_layers))
+    act = tokens * ((n - k) * full + k * ckpt + (full if k else 0))  # + one layer re-materialized
+    lora_states = param_counts(mc, lora_r)["lora"] * 16  # fp32 weight, grad, two Adam moments
+    logits = 0.25 * GiB if fused_ce else tokens * s["vocab"] * 10  # fp32 logits, their grad, bf16 copy
+    return weights_gib(mc, bits, dtype_bytes) + (act + lora_states + logits) / GiB + SLACK_GIB
+
+
+def choose_batch_and_checkpointing(mc, bits, seq_len: int, global_batch: int, budget_gib: float,
+                                   lora_r: int = 64, fused_ce: bool = True) -> tuple[int, int, float, str]:
+    """(micro_batch, checkpoint_layers, est_peak_gib, why): the fastest split that fits the budget.
+
+    Cost model in tokens of compute: tokens x (1 + 0.5 x fraction of layers recomputed) plus a fixed
+    overhead per micro-batch. Recomputation costs more than splitting the batch, until micro-batches
+    get so small that the fixed overhead dominates.
+    """
+    n = _shape(mc)["layers"]
+    best = None
+    for micro in sorted((d for d in range(1, global_batch + 1) if global_batch % d == 0), reverse=True):
+        tokens = micro * seq_len
+        for k in range(n + 1):
+            est = estimate_peak_gib(mc, bits, tokens, k, lora_r, fused_ce)
+            if est <= budget_gib:
+                cost = global_batch * seq_len * (1 + RECOMPUTE_COST * k / n) + \
+                    (global_batch // micro) * MICRO_BATCH_OVERHEAD_TOKENS
+                if best is None or cost < best[0]:
+                    best = (cost, micro, k, est)
+                break
+    if best is None:  # nothing fits: smallest micro-batch, everything recomputed; the run will say OOM
+        est = estimate_peak_gib(mc, bits, seq_len, n, lora_r, fused_ce)
+        return 1, n, est, f"nothing fits {budget_gib:.1f} GiB by the estimate (needs {est:.1f}); trying the smallest"
+    _, micro, k, est = best
+    return micro, k, est, f"est. peak {est:.1f} GiB of {budget_gib:.1f}"
+
+
+# ----------------------------------------------------------------------------- the plan
 
 def plan(cfg, model_config=None) -> Plan:
     import torch
@@ -81,31 +177,14 @@ def plan(cfg, model_config=None) -> Plan:
         total = torch.cuda.get_device_properties(0).total_memory / GiB
         name = torch.cuda.get_device_name(0)
         if budget is None:
-            budget = total * 0.92
-            reasons.append(f"memory budget {budget:.1f} GiB = 92% of {name}'s {total:.1f} GiB")
+            budget = total * DEFAULT_FILL
+            reasons.append(f"memory budget {budget:.1f} GiB = {DEFAULT_FILL:.0%} of {name}'s {total:.1f} GiB")
         else:
             reasons.append(f"memory budget {budget:.1f} GiB set in config (GPU has {total:.1f} GiB)")
     else:
         import platform
 
         name = platform.processor() or "cpu"
-
-    # Recompute activations only when the saved ones would not fit the budget.
-    gc = t.gradient_checkpointing
-    if gc == "auto":
-        if not cuda or model_config is None:
-            gc = False
-            reasons.append("gradient_checkpointing=off: CPU/tiny model, memory is not the limit")
-        else:
-            tokens = t.per_device_train_batch_size * cfg.data.max_length
-            act = activation_bytes_per_token(model_config, checkpointing=False) * tokens / GiB
-            weights = _weights_gib(model_config, cfg.quant.bits)
-            need = weights + act + 2.0  # + LoRA states, logits, allocator slack
-            gc = need > budget
-            reasons.append(f"gradient_checkpointing={'on' if gc else 'off'}: est. {weights:.1f} GiB weights + "
-                           f"{act:.1f} GiB activations for {tokens} tokens/micro-batch vs {budget:.1f} GiB budget")
-    else:
-        reasons.append(f"gradient_checkpointing={'on' if gc else 'off'}: set in config")
 
     kernels = t.kernels
     if kernels != "none":
@@ -120,27 +199,51 @@ def plan(cfg, model_config=None) -> Plan:
             reasons.append(f"kernels=none although liger was asked for: {why}")
         else:
             reasons.append("kernels=liger: set in config")
+    else:
+        reasons.append("kernels=none: set in config")
+
+    micro, accum = t.per_device_train_batch_size, t.gradient_accumulation_steps
+    n_layers = getattr(model_config, "num_hidden_layers", 0) if model_config is not None else 0
+    gc = t.gradient_checkpointing
+    est = None
+    if gc == "auto":
+        if not cuda or model_config is None:
+            k = 0
+            reasons.append("gradient_checkpointing=off: CPU/tiny model, memory is not the limit")
+        else:
+            # The plan owns the split of the global batch: same sequences per optimizer step either way.
+            global_batch = micro * accum
+            micro, k, est, why = choose_batch_and_checkpointing(
+                model_config, cfg.quant.bits, cfg.data.max_length, global_batch, budget,
+                lora_r=cfg.lora.r, fused_ce=kernels == "liger")
+            accum = global_batch // micro
+            reasons.append(f"gradient_checkpointing={_gc_words(k, n_layers)}, micro-batch {micro} x "
+                           f"{accum} accumulation (global batch {global_batch} x {cfg.data.max_length} tokens): "
+                           f"{why}")
+    else:
+        k = n_layers if gc else 0
+        if cuda and model_config is not None:
+            est = estimate_peak_gib(model_config, cfg.quant.bits, micro * cfg.data.max_length, k,
+                                    cfg.lora.r, kernels == "liger")
+        reasons.append(f"gradient_checkpointing={'on' if gc else 'off'}: set in config; micro-batch {micro} "
+                       f"x {accum} accumulation as configured")
+    if gc is True and not n_layers:
+        k = None  # depth unknown here: add_lora recomputes every layer
 
     optim = t.optim
-    if not cuda and optim.startswith("paged_") or (not cuda and optim == "adamw_8bit"):
+    if not cuda and (optim.startswith("paged_") or optim == "adamw_8bit"):
         reasons.append(f"optim=adamw_torch: {optim} needs CUDA (paged/8-bit states live on the GPU)")
         optim = "adamw_torch"
 
     return Plan(device="cuda" if cuda else "cpu", device_name=name, compute_dtype=dtype, mixed_precision=mixed,
-                gradient_checkpointing=bool(gc), kernels=kernels, optim=optim,
-                per_device_train_batch_size=t.per_device_train_batch_size,
-                gradient_accumulation_steps=t.gradient_accumulation_steps,
-                memory_budget_gib=budget, reasons=reasons)
+                gradient_checkpointing=k is None or k > 0, kernels=kernels, optim=optim,
+                per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
+                memory_budget_gib=round(budget, 2) if budget else None, checkpoint_layers=k,
+                est_peak_gib=round(est, 2) if est is not None else None, reasons=reasons)
 
 
-def _weights_gib(model_config, bits) -> float:
-    h, layers = model_config.hidden_size, model_config.num_hidden_layers
-    mlp = getattr(model_config, "intermediate_size", None) or 4 * h
-    vocab = model_config.vocab_size
-    linear = layers * (4 * h * h + 3 * h * mlp)
-    embed = 2 * vocab * h
-    per_param = 0.5 * 1.03 if bits == 4 else 2.0  # NF4 + double-quantized scales
-    return (linear * per_param + embed * 2) / GiB
+def _gc_words(k: int, n: int) -> str:
+    return "off" if k == 0 else "on" if k >= n else f"partial ({k} of {n} layers)"
 
 
 def apply_memory_budget(plan_: Plan) -> None:

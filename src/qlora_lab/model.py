@@ -201,17 +201,21 @@ def lora_targets(cfg, model) -> list[str] | str:
     return list(t)
 
 
-def add_lora(model, cfg, gradient_checkpointing: bool):
-    """Prepare for k-bit training (when 4-bit) and wrap with LoRA adapters. Returns the PeftModel."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def add_lora(model, cfg, gradient_checkpointing: bool | int):
+    """Prepare for k-bit training (when 4-bit) and wrap with LoRA adapters. Returns the PeftModel.
+
+    gradient_checkpointing: True/False, or how many decoder layers (from the first) recompute their
+    activations; the others keep them (hardware.plan's "partial" choice).
+    """
+    from peft import LoraConfig, get_peft_model
 
     gc_kwargs = {"use_reentrant": False}
     if cfg.is_qlora:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=gc_kwargs)
-    elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        _prepare_kbit(model)
     if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        if gradient_checkpointing is not True:
+            _checkpoint_first_layers(model, int(gradient_checkpointing))
         # Frozen embeddings give the checkpointed blocks inputs without grad: make them require it.
         model.enable_input_require_grads()
     model.config.use_cache = False
@@ -231,6 +235,28 @@ def add_lora(model, cfg, gradient_checkpointing: bool):
     total = sum(_numel(p) for p in peft_model.parameters())
     return peft_model, {"n_lora_modules": n_lora, "lora_targets": targets,
                         "trainable_params": int(trainable), "total_params": int(total)}
+
+
+def _prepare_kbit(model) -> None:
+    """peft's prepare_model_for_kbit_training, minus its blanket fp32 upcast of every 16-bit param.
+
+    fp16 norms, embeddings and head are upcast to fp32 (fp16 overflows; a T4's QLoRA diverges without
+    it). bf16 ones stay bf16: bf16 has fp32's range, so the upcast costs memory and time and buys no
+    stability (norms compute in fp32 internally either way).
+    """
+    for p in model.parameters():
+        p.requires_grad = False
+        if p.dtype == torch.float16 and p.__class__.__name__ != "Params4bit":
+            p.data = p.data.to(torch.float32)
+
+
+def _checkpoint_first_layers(model, k: int) -> None:
+    """Keep recomputation on the first k decoder layers only (k >= depth: all of them)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i < k
 
 
 def _numel(p) -> int:

@@ -94,7 +94,9 @@ def load_model(cfg: Config, plan, run: RunFolder):
 
     model, _, summary = load_base(cfg, for_training=True, plan=plan)
     fused = kernels.apply(model) if plan.kernels == "liger" else []
-    model, lora = add_lora(model, cfg, plan.gradient_checkpointing)
+    # All, none, or the first plan.checkpoint_layers decoder layers recompute their activations.
+    gc = plan.checkpoint_layers if plan.gradient_checkpointing and plan.checkpoint_layers else plan.gradient_checkpointing
+    model, lora = add_lora(model, cfg, gc)
     summary.update(lora, kernels=fused, gradient_checkpointing=plan.gradient_checkpointing)
     run.write_json("model_summary.json", summary)
     log.info("model: %s %s, %d/%d linear layers 4-bit, %d LoRA modules, %.2f M trainable params, "

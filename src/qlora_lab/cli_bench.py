@@ -1,0 +1,66 @@
+"""`qlora-lab bench`: our training path vs the standard recipe, one table (see bench.py)."""
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    from .presets import PRESETS
+
+    p = sub.add_parser(
+        "bench", help="speed and memory of the training path, beside the standard HF recipe",
+        description="Train random-init models of real shapes for a few steps with our path (what `train` runs) "
+                    "and, with --baseline, the standard recipe (TRL SFTTrainer + NF4 + gradient checkpointing), "
+                    "each in its own process; print one table and write JSON + Markdown. Several --seq-len and "
+                    "--batch-size values pair up (512 2048 with 8 2 = 8x512 and 2x2048).")
+    p.add_argument("--preset", nargs="+", required=True, choices=PRESETS, help="model shape(s)")
+    p.add_argument("--seq-len", nargs="+", type=int, required=True, help="tokens per sequence")
+    p.add_argument("--batch-size", nargs="+", type=int, required=True, help="sequences per optimizer step")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps per configuration (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=None, help="steps left out of the median (default: steps/4, 1..5)")
+    p.add_argument("--baseline", action="store_true", help="also run the standard recipe and compare")
+    p.add_argument("--memory-budget", type=float, default=None, metavar="GiB",
+                   help="cap GPU memory per process (15 = a Colab T4); the plan fits the run into it")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override our path's config, e.g. --set train.gradient_checkpointing=true")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                   help="an extra row of our path with overrides, e.g. gc-on:train.gradient_checkpointing=true")
+    p.add_argument("--output", default=None, help="JSON path (a .md twin is written beside it; "
+                                                  "default: assets/bench/bench-<presets>-<time>.json)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per worker process")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    import sys
+
+    from . import bench
+    from .errors import UserError
+
+    if len(args.seq_len) != len(args.batch_size):
+        if len(args.batch_size) == 1:
+            args.batch_size = args.batch_size * len(args.seq_len)
+        elif len(args.seq_len) == 1:
+            args.seq_len = args.seq_len * len(args.batch_size)
+        else:
+            raise UserError("--seq-len and --batch-size: give one value, or as many of one as of the other")
+    if min(args.seq_len) < 8 or min(args.batch_size) < 1 or args.steps < 2:
+        raise UserError("--seq-len >= 8, --batch-size >= 1, --steps >= 2")
+    variants = []
+    for v in args.variant:
+        name, sep, sets = v.partition(":")
+        if not sep or not name or not sets:
+            raise UserError(f"--variant {v!r}: expected NAME:section.key=value[,section.key=value]")
+        variants.append((name, [s for s in sets.split(",") if s]))
+    shapes = [bench.Shape(L, B) for L, B in zip(args.seq_len, args.batch_size)]
+    # Validate overrides now, not in a worker minutes later.
+    for _, sets in [("", args.overrides)] + variants:
+        bench._bench_config(args.preset[0], shapes[0], args.steps, args.memory_budget, list(args.overrides) + list(sets))
+    report = bench.run(args.preset, shapes, steps=args.steps, baseline=args.baseline,
+                       memory_budget=args.memory_budget, overrides=args.overrides, variants=variants,
+                       output=args.output, warmup=args.warmup, timeout=args.timeout,
+                       command="qlora-lab " + " ".join(sys.argv[1:]))
+    failed = [r for r in report["rows"] if r.get("status") != "ok"]
+    bad_loss = [c for c in report["comparisons"] if c.get("loss_ok") is False]
+    if bad_loss:
+        print(f"qlora-lab bench: losses differ by more than {bench.LOSS_TOLERANCE:.0%} in {len(bad_loss)} comparison(s)",
+              file=sys.stderr)
+    return 1 if failed or bad_loss else 0
