@@ -63,8 +63,11 @@ def atomic_write_json(path, obj) -> None:
 
 
 class RunFolder:
+    """A run's folder. In a data-parallel run every process holds one, but only rank 0 writes."""
+
     def __init__(self, path):
         self.path = Path(path)
+        self.writer = int(os.environ.get("RANK", 0)) == 0
 
     # -- layout
     config_file = property(lambda self: self.path / "config.yaml")
@@ -97,6 +100,8 @@ class RunFolder:
             raise UserError(f"{p}: unreadable JSON ({e})") from None
 
     def write_json(self, name: str, obj) -> None:
+        if not self.writer:
+            return
         atomic_write_json(self.path / name, obj)
 
     def set_status(self, status: str, **extra) -> None:
@@ -108,6 +113,8 @@ class RunFolder:
 
     # -- metrics
     def append_metric(self, row: dict) -> None:
+        if not self.writer:
+            return
         with open(self.metrics_file, "a", encoding="utf-8") as f:
             f.write(json.dumps(_clean(row)) + "\n")
             f.flush()
@@ -127,6 +134,8 @@ class RunFolder:
 
     def truncate_metrics(self, last_step: int) -> None:
         """Keep rows up to the checkpoint's step (what a resumed run will log again is dropped)."""
+        if not self.writer:
+            return
         kept = [r for r in self.metrics() if r.get("step", 0) <= last_step]
         atomic_write_text(self.metrics_file, "".join(json.dumps(r) + "\n" for r in kept))
 
@@ -148,6 +157,8 @@ class RunFolder:
 
     def save_adapter(self, model) -> None:
         """Write the adapter to a temp folder, then swap it in: a failed save keeps the old one."""
+        if not self.writer:
+            return
         tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=self.path))
         try:
             model.save_pretrained(str(tmp), safe_serialization=True)

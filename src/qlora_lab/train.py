@@ -24,7 +24,7 @@ log = logging.getLogger("qlora_lab.train")
 
 def main(cfg: Config, output_dir=None, resume: bool = False) -> Path:
     run = prepare_run_folder(cfg, output_dir, resume)
-    with _log_to(run):
+    with _Attempt(run), _log_to(run):
         from transformers import set_seed
 
         set_seed(cfg.train.seed)
@@ -43,6 +43,7 @@ def prepare_run_folder(cfg: Config, output_dir, resume: bool) -> RunFolder:
     name = cfg.train.run_name or (Path(cfg.source).stem if cfg.source and cfg.source.endswith(".yaml") else "run")
     path = Path(output_dir) if output_dir else Path(cfg.train.output_dir) / name
     run = RunFolder(path)
+    run.before = _snapshot(path)  # what bad input must leave as it was (see _Attempt)
     if resume:
         if not run.config_file.is_file():
             raise UserError(f"{path}: --resume needs an existing run folder (no config.yaml here)")
@@ -50,13 +51,18 @@ def prepare_run_folder(cfg: Config, output_dir, resume: bool) -> RunFolder:
             raise UserError(f"{path}: --resume found no complete checkpoint under {run.checkpoints_dir}")
     elif run.metrics_file.exists() or run.checkpoints():
         raise UserError(f"{path}: already holds a run; pass --resume to continue it or choose --output-dir")
-    path.mkdir(parents=True, exist_ok=True)
-    from .runs import atomic_write_text
+    if is_main_process():  # data-parallel runs write one run folder, from rank 0
+        from .runs import atomic_write_text
 
-    atomic_write_text(run.config_file, to_yaml(cfg))
-    atomic_write_json(path / "env.json", env_info())
-    run.set_status("running")
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run.config_file, to_yaml(cfg))
+        atomic_write_json(path / "env.json", env_info())
+        run.set_status("running")
     return run
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", 0)) == 0
 
 
 def load_plan(cfg: Config, run: RunFolder):
@@ -154,13 +160,14 @@ def build_trainer(cfg: Config, plan, model, tokenizer, train_ds, eval_ds, run: R
 
 
 def train(trainer, cfg: Config, run: RunFolder, resume: bool) -> None:
+    run.started = True
     checkpoint = None
     if resume:
         checkpoint = run.last_checkpoint()
         step = int(checkpoint.name.split("-")[1])
         run.truncate_metrics(step)
         state = RunFolder(checkpoint).read_json(STATE_FILE) or {}
-        trainer.tokens_trained = int(state.get("tokens", 0))
+        trainer.resume_tokens(int(state.get("tokens", 0)))
         log.info("resuming from %s (step %d)", checkpoint, step)
     stop = _GracefulStop()
     trainer.graceful_stop = stop
@@ -174,6 +181,7 @@ def train(trainer, cfg: Config, run: RunFolder, resume: bool) -> None:
         raise
     trainer.train_seconds = time.perf_counter() - t0
     trainer.train_result = result
+    trainer.sync_tokens()
     cb = next(c for c in trainer.callback_handler.callbacks if isinstance(c, _RunCallback))
     if cb.failure:
         run.set_status(f"failed: {cb.failure}", step=cb.failure_step)
@@ -246,20 +254,33 @@ class _Trainer(_HFTrainer):
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
-        self.tokens_trained = 0
-        self._tokens_at_start = None
+        self.tokens_trained = 0      # all processes, since the run began (restored on --resume)
+        self._tokens_resumed = 0
+        self._local_tokens = 0       # this process, this session
 
     @property
     def tokens_trained_this_session(self) -> int:
-        return self.tokens_trained - (self._tokens_at_start or 0)
+        return self.tokens_trained - self._tokens_resumed
+
+    def resume_tokens(self, n: int) -> None:
+        self.tokens_trained = self._tokens_resumed = n
+
+    def sync_tokens(self) -> int:
+        """Sum the per-process counts (a collective: every rank calls it at the same step)."""
+        import torch
+
+        n = self._local_tokens
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            t = torch.tensor([n], dtype=torch.long, device=self.args.device)
+            torch.distributed.all_reduce(t)
+            n = int(t.item())
+        self.tokens_trained = self._tokens_resumed + n
+        return self.tokens_trained
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.get("labels")
         if labels is not None and model.training:
-            if self._tokens_at_start is None:
-                self._tokens_at_start = self.tokens_trained
-            n = int((labels[..., 1:] != -100).sum())
-            self.tokens_trained += n * self.args.world_size
+            self._local_tokens += int((labels[..., 1:] != -100).sum())
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
 
@@ -275,7 +296,10 @@ class _RunCallback(_HFCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
-        if "train_runtime" in logs or not state.is_world_process_zero:
+        if "train_runtime" in logs:
+            return
+        self.trainer.sync_tokens()
+        if not state.is_world_process_zero:
             return
         row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "tokens": self.trainer.tokens_trained}
         if "eval_loss" in logs:
@@ -302,6 +326,7 @@ class _RunCallback(_HFCallback):
             control.should_training_stop = True
 
     def on_save(self, args, state, control, **kwargs):
+        self.trainer.sync_tokens()
         if not state.is_world_process_zero:
             return
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -336,16 +361,67 @@ class _GracefulStop:
         return False
 
 
+def _snapshot(path: Path) -> dict | None:
+    """Bytes of the run folder's top-level files (small: configs, JSON, the log); None if no folder."""
+    if not path.is_dir():
+        return None
+    return {p.name: p.read_bytes() for p in path.iterdir() if p.is_file() and p.name != "metrics.jsonl"}
+
+
+class _Attempt:
+    """A run that fails records why in status.json; but bad input refused before training starts
+    (a missing data file on --resume, ...) leaves an existing run folder exactly as it found it."""
+
+    def __init__(self, run: RunFolder):
+        self.run = run
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        run, before = self.run, self.run.before
+        if exc is None or not is_main_process():
+            return False
+        if before is None or getattr(run, "started", False) or not isinstance(exc, UserError):
+            if run.status() == "running":  # else train() already said how it ended
+                why = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"failed: {type(exc).__name__}"
+                run.set_status(why, error=str(exc).splitlines()[0] if str(exc) else None)
+            return False
+        for p in run.path.iterdir():
+            if p.is_file() and p.name != "metrics.jsonl" and p.name not in before:
+                p.unlink()
+        for name, data in before.items():
+            if (run.path / name).read_bytes() != data:
+                (run.path / name).write_bytes(data)
+        return False
+
+
 def _record_failure(trainer, run: RunFolder, e: Exception) -> None:
     import torch
 
+    _close_progress_bars(trainer)  # else the one-line error is glued to the half-drawn bar
     if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
         run.set_status("failed: out of memory", step=trainer.state.global_step)
         raise UserError(
             f"out of GPU memory at step {trainer.state.global_step}: lower train.per_device_train_batch_size "
             f"(raise gradient_accumulation_steps to keep the global batch), lower data.max_length, set "
             f"train.gradient_checkpointing=true, or raise train.memory_budget_gib if the GPU has more") from None
+    if isinstance(e, OSError) and e.errno is not None:  # disk full, read-only, quota: not a bug
+        try:
+            run.set_status(f"failed: {e.strerror}", step=trainer.state.global_step)
+        except OSError:  # the disk that just failed may refuse this too
+            pass
+        raise UserError(f"{e.filename or run.path}: could not write at step {trainer.state.global_step}: "
+                        f"{e.strerror}; last complete checkpoint: {run.last_checkpoint()}") from None
     run.set_status(f"failed: {type(e).__name__}", step=trainer.state.global_step)
+
+
+def _close_progress_bars(trainer) -> None:
+    for cb in trainer.callback_handler.callbacks:
+        bar = getattr(cb, "training_bar", None)
+        if bar is not None:
+            bar.close()
+            cb.training_bar = None
 
 
 def _reset_peak_memory() -> None:
@@ -395,9 +471,11 @@ class _log_to:
         root = logging.getLogger("qlora_lab")
         root.setLevel(logging.INFO)
         fmt = logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s")
-        self.file = logging.FileHandler(self.run.path / "train.log", encoding="utf-8")
-        self.file.setFormatter(fmt)
-        root.addHandler(self.file)
+        self.file = None
+        if is_main_process():
+            self.file = logging.FileHandler(self.run.path / "train.log", encoding="utf-8")
+            self.file.setFormatter(fmt)
+            root.addHandler(self.file)
         self.console = None
         if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
                    for h in root.handlers):

@@ -1,0 +1,146 @@
+"""The training recipe end to end through the real CLI, on tiny random-weight Llama and Falcon."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from qlora_lab.config import load_config
+from qlora_lab.runs import RunFolder
+
+from .conftest import CONFIGS, run_cli
+
+RUN_FILES = ["config.yaml", "metrics.jsonl", "model_summary.json", "env.json", "train_summary.json",
+             "plan.json", "status.json", "adapter/adapter_model.safetensors", "adapter/adapter_config.json"]
+
+
+def _train(tmp_path, name, *sets, steps=24):
+    out = tmp_path / name
+    r = run_cli("train", CONFIGS / f"{name}.yaml", "--output-dir", out, "--set", f"train.max_steps={steps}",
+                "--set", "train.save_steps=8", "--set", "train.eval_steps=8", *sum((["--set", s] for s in sets), []))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return RunFolder(out)
+
+
+@pytest.fixture(scope="module")
+def llama_qlora(tmp_path_factory):
+    return _train(tmp_path_factory.mktemp("runs"), "tiny_llama_qlora", "train.save_total_limit=null")
+
+
+@pytest.mark.parametrize("name", ["tiny_falcon_qlora", "tiny_llama_lora"])
+def test_other_models_and_methods_train(tmp_path, name):
+    run = _train(tmp_path, name, steps=8)
+    for f in RUN_FILES:
+        assert (run.path / f).exists(), f
+    s = run.read_json("model_summary.json")
+    if name.endswith("qlora"):
+        assert s["quantization"] == "nf4" and s["n_linear_4bit"] == s["n_linear_expected_4bit"] > 0
+    else:
+        assert s["quantization"] is None and s["n_linear_4bit"] == 0
+
+
+def test_run_folder_is_complete(llama_qlora):
+    run = llama_qlora
+    for f in RUN_FILES:
+        assert (run.path / f).exists(), f
+    assert run.status() == "completed"
+    s = run.read_json("model_summary.json")
+    for k in ("architecture", "quantization", "double_quant", "compute_dtype", "n_linear_4bit", "n_linear_total",
+              "n_lora_modules", "trainable_params", "total_params", "weights_bytes"):
+        assert k in s, k
+    assert s["architecture"] == "LlamaForCausalLM" and s["quantization"] == "nf4" and s["double_quant"] is True
+    assert 0 < s["trainable_params"] < s["total_params"]
+    env = run.read_json("env.json")
+    assert env["torch"] and env["bitsandbytes"] and "device" in env
+    cfg = run.config()
+    assert cfg.train.max_steps == 24  # the resolved config, overrides included
+
+
+def test_metrics_one_row_per_step_and_eval_rows(llama_qlora):
+    rows = llama_qlora.metrics()
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 25))
+    assert [r["step"] for r in evals] == [8, 16, 24]
+    for r in train:
+        assert {"step", "loss", "learning_rate", "tokens", "epoch"} <= set(r)
+    tokens = [r["tokens"] for r in train]
+    assert all(b > a for a, b in zip(tokens, tokens[1:]))
+
+
+def test_loss_falls(llama_qlora):
+    train = [r["loss"] for r in llama_qlora.metrics() if "loss" in r]
+    assert sum(train[-4:]) / 4 < 0.9 * sum(train[:4]) / 4
+    evals = [r["eval_loss"] for r in llama_qlora.metrics() if "eval_loss" in r]
+    assert evals[-1] < evals[0]
+
+
+def test_adapter_reloads_with_same_logits(llama_qlora):
+    """A fresh process's view: base + saved adapter reproduces the trained model's logits."""
+    from peft import PeftModel
+
+    from qlora_lab.model import load_adapter, load_model
+
+    cfg = llama_qlora.config()
+    base, tok, _ = load_model(cfg)
+    x = torch.tensor([tok("What is the capital of France? [EOT] ").input_ids])
+    with torch.no_grad():
+        before = base(input_ids=x).logits.clone()
+    model = load_adapter(base, llama_qlora.adapter_dir)
+    assert isinstance(model, PeftModel)
+    with torch.no_grad():
+        a = model(input_ids=x).logits
+    assert not torch.allclose(a, before, atol=1e-4), "adapter changed nothing"
+    base2, _, _ = load_model(cfg)
+    model2 = PeftModel.from_pretrained(base2, str(llama_qlora.adapter_dir))
+    with torch.no_grad():
+        b = model2(input_ids=x).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_resume_continues_the_same_curve(tmp_path, llama_qlora):
+    """Drop the later checkpoints of a finished run and resume: the losses after step 8 repeat exactly."""
+    import shutil
+
+    run = RunFolder(tmp_path / "resumed")
+    shutil.copytree(llama_qlora.path, run.path)
+    for c in run.checkpoints()[1:]:
+        shutil.rmtree(c)
+    assert run.last_checkpoint().name == "checkpoint-8"
+    r = run_cli("train", run.config_file, "--output-dir", run.path, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = llama_qlora.metrics(), run.metrics()
+    assert [x["step"] for x in a] == [x["step"] for x in b]
+    for x, y in zip(a, b):
+        assert x["tokens"] == y["tokens"]
+        for k in ("loss", "eval_loss"):
+            if k in x:
+                assert abs(x[k] - y[k]) <= 1e-6, (x, y)
+
+
+def test_existing_run_is_not_overwritten(llama_qlora):
+    before = llama_qlora.metrics_file.read_bytes()
+    r = run_cli("train", CONFIGS / "tiny_llama_qlora.yaml", "--output-dir", llama_qlora.path)
+    assert r.returncode == 2 and "--resume" in r.stderr and "Traceback" not in r.stderr
+    assert llama_qlora.metrics_file.read_bytes() == before
+
+
+def test_plan_is_logged_and_cpu_choices(llama_qlora):
+    plan = llama_qlora.read_json("plan.json")
+    assert plan["device"] == "cpu" and plan["compute_dtype"] == "float32"
+    assert plan["optim"] == "adamw_torch"  # paged optimizers need CUDA
+    assert plan["reasons"]
+
+
+def test_wandb_offline_without_key(tmp_path, monkeypatch):
+    """report_to: wandb with no API key runs offline, says so, and still writes metrics.jsonl."""
+    out = tmp_path / "w"
+    env = {"WANDB_API_KEY": "", "WANDB_MODE": "", "NETRC": str(tmp_path / "none")}
+    r = run_cli("train", CONFIGS / "tiny_llama_qlora.yaml", "--output-dir", out, "--set", "train.max_steps=2",
+                "--set", "logging.report_to=wandb", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "wandb runs offline" in r.stderr
+    assert (out / "wandb").is_dir()
+    assert len(RunFolder(out).metrics()) >= 2
