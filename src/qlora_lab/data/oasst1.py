@@ -1,7 +1,8 @@
 """OASST1 message trees -> one conversation per tree: the best-ranked path from the root prompt.
 
-The rule, exactly (it is what turns the ~10k ready trees of the oasst1 train split into ~10k
-conversations, the size of the Guanaco training set):
+The rule, exactly (one conversation per ready tree; the published Guanaco subset,
+timdettmers/openassistant-guanaco, has 9,846 training conversations, and the counts this command
+prints on the oasst1 train split show how ours compare):
 
 * a deleted message is dropped with its whole subtree; where `tree_state` is present, only trees in
   state ``ready_for_export`` are used;

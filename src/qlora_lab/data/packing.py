@@ -7,8 +7,8 @@ example; tests/test_data_packing.py checks that the packed logits equal the sepa
 compute is spent on padding, which with OASST1's long-tailed lengths is most of a padded batch.
 The model must run with ``use_cache=False`` (``model.config.use_cache = False`` for training):
 with a KV cache, transformers skips the packed-sequence detection and attends across examples
-(the test checks that too). The first token of every example gets label -100, so no example is trained to predict its first
-token from the end of the previous one.
+(the test checks that too). The first token of every example gets label -100, so no example is
+trained to predict its first token from the end of the previous one.
 """
 from __future__ import annotations
 
