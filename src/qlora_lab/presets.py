@@ -110,8 +110,10 @@ def make_model(preset: str, out_dir, seed: int = 0, dtype=None, device: str | No
     dtype = dtype or default_dtype(preset)
     if device is None:
         device = "cuda" if torch.cuda.is_available() and not preset.startswith("tiny") else "cpu"
-    torch.manual_seed(seed)
-    with torch.device(device):
+    # A private RNG: seeding the global one here would change the caller's LoRA init and data
+    # order, and only on the run that happens to find the cache cold.
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())), torch.device(device):
+        torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
