@@ -20,9 +20,10 @@ GiB = 1024**3
 DEFAULT_FILL = 0.90
 # Headroom (GiB) for the allocator's fragmentation, cuBLAS workspaces and the optimizer's temporaries.
 SLACK_GIB = 1.5
-# A micro-batch costs a fixed overhead (dequantizing every 4-bit weight twice, launches), expressed in
-# tokens of compute; smaller micro-batches are cheap until they get this small.
-MICRO_BATCH_OVERHEAD_TOKENS = 384
+# A micro-batch costs a fixed overhead, in tokens of compute: the host side of ~10k kernel launches
+# (bitsandbytes dequantization, peft's LoRA branches) and dequantizing every weight. Measured on an H100
+# (Llama-2-7B shape, 8x512): 4 micro-batches of 2 took 2.26 s a step, 1 of 8 took 0.61 s (~2700 tokens each).
+MICRO_BATCH_OVERHEAD_TOKENS = 3000
 # Recomputing a frozen-base layer costs half again its forward+backward (the backward of a frozen
 # weight is one matmul, like the forward): full checkpointing = +50% matmul work.
 RECOMPUTE_COST = 0.5
@@ -104,27 +105,32 @@ def weights_gib(mc, bits, dtype_bytes: int = 2) -> float:
     return (p["linear"] * per_param + (p["embed"] + p["head_stored"]) * dtype_bytes) / GiB
 
 
-def activation_bytes_per_token(model_config, checkpointing: bool) -> float:
+def activation_bytes_per_token(model_config, checkpointing: bool, seq_len: int = 0,
+                               fused_attention: bool = True) -> float:
     """Saved activations per token for a LoRA backward (16-bit activations, LoRA on every linear).
 
     Without recomputation a layer keeps each linear's input, each adapter's dropped-out input and
-    mask, the attention inputs and output, the MLP's intermediates: ~20 hidden-size vectors and ~5.5
-    MLP-width vectors. With recomputation only the layer's input (one hidden vector) stays.
+    mask, the attention inputs and output, the MLP's intermediates: 13 hidden-size and 3.6 MLP-width
+    16-bit vectors, fitted to the H100 peak of Llama-2-7B at 8x512 (29.3 GiB; estimate 29.9). Falcon's
+    attention without our fix stores its T x T scores (SDPA math kernel): 4 x heads x T bytes more.
+    With recomputation only the layer's input (one hidden vector) stays.
     """
     s = _shape(model_config)
     if checkpointing:
         per_layer = 2 * s["h"]
     else:
-        per_layer = 2 * (20 * s["h"] + 5.5 * s["m"])
+        per_layer = 2 * (13 * s["h"] + 3.6 * s["m"])
+        if model_config.model_type == "falcon" and not fused_attention:
+            per_layer += 4 * model_config.num_attention_heads * seq_len
     return s["layers"] * per_layer
 
 
 def estimate_peak_gib(mc, bits, tokens: int, checkpoint_layers: int, lora_r: int = 64,
-                      fused_ce: bool = True, dtype_bytes: int = 2) -> float:
-    """Peak GPU memory (GiB) of one training step with `tokens` per micro-batch."""
+                      fused_ce: bool = True, dtype_bytes: int = 2, seq_len: int = 0) -> float:
+    """Peak GPU memory (GiB) of one training step with `tokens` per micro-batch (fused_ce: our kernels)."""
     s = _shape(mc)
     n = s["layers"]
-    full = activation_bytes_per_token(mc, False) / n
+    full = activation_bytes_per_token(mc, False, seq_len, fused_attention=fused_ce) / n
     ckpt = activation_bytes_per_token(mc, True) / n
     k = max(0, min(n, checkpoint_layers))
     act = tokens * ((n - k) * full + k * ckpt + (full if k else 0))  # + one layer re-materialized
@@ -146,7 +152,7 @@ def choose_batch_and_checkpointing(mc, bits, seq_len: int, global_batch: int, bu
     for micro in sorted((d for d in range(1, global_batch + 1) if global_batch % d == 0), reverse=True):
         tokens = micro * seq_len
         for k in range(n + 1):
-            est = estimate_peak_gib(mc, bits, tokens, k, lora_r, fused_ce)
+            est = estimate_peak_gib(mc, bits, tokens, k, lora_r, fused_ce, seq_len=seq_len)
             if est <= budget_gib:
                 cost = global_batch * seq_len * (1 + RECOMPUTE_COST * k / n) + \
                     (global_batch // micro) * MICRO_BATCH_OVERHEAD_TOKENS
@@ -154,7 +160,7 @@ def choose_batch_and_checkpointing(mc, bits, seq_len: int, global_batch: int, bu
                     best = (cost, micro, k, est)
                 break
     if best is None:  # nothing fits: smallest micro-batch, everything recomputed; the run will say OOM
-        est = estimate_peak_gib(mc, bits, seq_len, n, lora_r, fused_ce)
+        est = estimate_peak_gib(mc, bits, seq_len, n, lora_r, fused_ce, seq_len=seq_len)
         return 1, n, est, f"nothing fits {budget_gib:.1f} GiB by the estimate (needs {est:.1f}); trying the smallest"
     _, micro, k, est = best
     return micro, k, est, f"est. peak {est:.1f} GiB of {budget_gib:.1f}"
@@ -202,7 +208,9 @@ def plan(cfg, model_config=None) -> Plan:
     else:
         reasons.append("kernels=none: set in config")
 
-    micro, accum = t.per_device_train_batch_size, t.gradient_accumulation_steps
+    # Per process: the config's global batch divided over the data-parallel processes.
+    micro, accum = split_global_batch(t.per_device_train_batch_size, t.gradient_accumulation_steps,
+                                      world_size(), reasons)
     n_layers = getattr(model_config, "num_hidden_layers", 0) if model_config is not None else 0
     gc = t.gradient_checkpointing
     est = None
@@ -224,7 +232,7 @@ def plan(cfg, model_config=None) -> Plan:
         k = n_layers if gc else 0
         if cuda and model_config is not None:
             est = estimate_peak_gib(model_config, cfg.quant.bits, micro * cfg.data.max_length, k,
-                                    cfg.lora.r, kernels == "liger")
+                                    cfg.lora.r, kernels == "liger", seq_len=cfg.data.max_length)
         reasons.append(f"gradient_checkpointing={'on' if gc else 'off'}: set in config; micro-batch {micro} "
                        f"x {accum} accumulation as configured")
     if gc is True and not n_layers:
@@ -240,6 +248,38 @@ def plan(cfg, model_config=None) -> Plan:
                 per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
                 memory_budget_gib=round(budget, 2) if budget else None, checkpoint_layers=k,
                 est_peak_gib=round(est, 2) if est is not None else None, reasons=reasons)
+
+
+def world_size() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def split_global_batch(micro: int, accum: int, world: int, reasons: list) -> tuple[int, int]:
+    """Keep the config's global batch (micro x accum sequences per step) at any GPU count.
+
+    With N data-parallel processes the accumulation steps are divided by N (else the micro-batch),
+    so the learning rate and the schedule mean the same thing on 1 GPU or 8.
+    """
+    from .errors import ConfigError
+
+    if world == 1:
+        return micro, accum
+    global_batch = micro * accum
+    if accum % world == 0:
+        new = (micro, accum // world)
+    elif micro % world == 0:
+        new = (micro // world, accum)
+    elif global_batch % world == 0:
+        new = (global_batch // world, 1)
+    else:
+        raise ConfigError(
+            f"train.gradient_accumulation_steps: global batch {micro} x {accum} = {global_batch} sequences "
+            f"cannot be split evenly over {world} processes")
+    reasons.append(f"global batch {global_batch} sequences over {world} processes: micro-batch {new[0]} x "
+                   f"{new[1]} accumulation steps in each")
+    return new
 
 
 def _gc_words(k: int, n: int) -> str:
