@@ -138,8 +138,17 @@ def cache_dir() -> Path:
 
 
 def cached_model(preset: str, seed: int = 0) -> Path:
-    """Folder of the random-init checkpoint for (preset, seed), written on first use."""
-    return make_model(preset, cache_dir() / f"{preset}-seed{seed}", seed=seed)
+    """Folder of the random-init checkpoint for (preset, seed), written on first use.
+
+    A file lock makes concurrent processes (the ranks of a data-parallel run) write it once.
+    """
+    import fcntl
+
+    out = cache_dir() / f"{preset}-seed{seed}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return make_model(preset, out, seed=seed)
 
 
 def random_init_info(path) -> dict | None:
