@@ -257,6 +257,28 @@ class _Trainer(_HFTrainer):
         self.tokens_trained = 0      # all processes, since the run began (restored on --resume)
         self._tokens_resumed = 0
         self._local_tokens = 0       # this process, this session
+        self._step_finite = None     # all micro-batch losses of this optimizer step finite (tensor)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        ok = loss.detach().isfinite()  # no sync here; read once per step by _RunCallback.on_step_end
+        self._step_finite = ok if self._step_finite is None else self._step_finite & ok
+        return loss
+
+    def step_was_finite(self) -> bool:
+        """Whether every loss since the last call was finite, agreed by all processes (a collective)."""
+        import torch
+
+        ok, self._step_finite = self._step_finite, None
+        ok = torch.ones((), dtype=torch.bool, device=self.args.device) if ok is None else ok
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            t = ok.to(torch.int32)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+            ok = t.bool()
+        return bool(ok)
+
+    def adapters_finite(self) -> bool:
+        return all(bool(p.detach().isfinite().all()) for p in self.model.parameters() if p.requires_grad)
 
     @property
     def tokens_trained_this_session(self) -> int:
@@ -310,16 +332,26 @@ class _RunCallback(_HFCallback):
                     row[k] = float(logs[k])
         loss = row.get("loss", row.get("eval_loss"))
         if loss is not None and not math.isfinite(loss):
-            self.failure = "non-finite loss"
-            self.failure_step = state.global_step
-            log.error("non-finite loss (%s) at step %d: stopping; the last checkpoint is kept", loss,
-                      state.global_step)
-            control.should_save = False
-            control.should_evaluate = False
-            control.should_training_stop = True
+            self._fail(state, control, f"non-finite loss ({loss})")
         self.run.append_metric(row)
 
+    def _fail(self, state, control, what: str) -> None:
+        if self.failure is None:
+            self.failure = "non-finite loss"
+            self.failure_step = state.global_step
+            log.error("%s at step %d: stopping; the last checkpoint is kept", what, state.global_step)
+        control.should_save = False
+        control.should_evaluate = False
+        control.should_training_stop = True
+
     def on_step_end(self, args, state, control, **kwargs):
+        # Checked every step, not only when logged: a checkpoint saved between a NaN and the next
+        # log would hold NaN weights and be the one --resume picks.
+        if not self.trainer.step_was_finite():
+            control.should_log = True  # the row of this step shows the NaN
+            self._fail(state, control, "non-finite loss")
+        elif control.should_save and not self.trainer.adapters_finite():  # e.g. an inf gradient
+            self._fail(state, control, "non-finite adapter weights")
         stop = getattr(self.trainer, "graceful_stop", None)
         if stop is not None and stop.signum is not None and self.failure is None:
             control.should_save = True
