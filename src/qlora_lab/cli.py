@@ -47,10 +47,17 @@ def cmd_config(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments get one line (what, and where to read more), like every other input error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .presets import PRESETS
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="qlora-lab", description="QLoRA vs LoRA fine-tuning of 7B models: data, train, generate, compare, plot, bench.")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True

@@ -397,7 +397,8 @@ def _snapshot(path: Path) -> dict | None:
     """Bytes of the run folder's top-level files (small: configs, JSON, the log); None if no folder."""
     if not path.is_dir():
         return None
-    return {p.name: p.read_bytes() for p in path.iterdir() if p.is_file() and p.name != "metrics.jsonl"}
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in path.iterdir()
+            if p.is_file() and p.name != "metrics.jsonl"}
 
 
 class _Attempt:
@@ -422,9 +423,11 @@ class _Attempt:
         for p in run.path.iterdir():
             if p.is_file() and p.name != "metrics.jsonl" and p.name not in before:
                 p.unlink()
-        for name, data in before.items():
-            if (run.path / name).read_bytes() != data:
-                (run.path / name).write_bytes(data)
+        for name, (data, mtime) in before.items():
+            p = run.path / name
+            if not p.is_file() or p.read_bytes() != data:
+                p.write_bytes(data)
+                os.utime(p, ns=(mtime, mtime))
         return False
 
 
