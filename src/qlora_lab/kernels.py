@@ -2,8 +2,10 @@
 
 Llama: Liger's RoPE, RMSNorm, SwiGLU and fused linear cross-entropy (the head's matmul and the loss
 in chunks: the (tokens x vocab) logits are never stored). Falcon-7B has no Liger model patch (only
-Falcon-H1 does), so only the fused linear cross-entropy is wired, through `fuse_lm_head_loss`, which
-works for any causal LM; its LayerNorm and GELU are single PyTorch kernels already.
+Falcon-H1 does): its fused linear cross-entropy goes through `fuse_lm_head_loss` (any causal LM), and
+`falcon_flash_attention` lets SDPA use its fused kernel (transformers hands it one K/V head for 71
+query heads and a materialized mask, which only SDPA's math kernel takes: T x T scores stored per
+layer, out of memory at 2 x 2048 on an H100). LayerNorm and GELU are single PyTorch kernels already.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import importlib.util
 import types
 
 WIRED = {"llama": ("rope", "rms_norm", "swiglu", "fused_linear_cross_entropy"),
-         "falcon": ("fused_linear_cross_entropy",)}
+         "falcon": ("fused_linear_cross_entropy", "sdpa_flash_mqa")}
 
 
 def supported(model_config, cuda: bool) -> tuple[bool, str]:
@@ -34,10 +36,45 @@ def apply(model) -> list[str]:
         apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                     fused_linear_cross_entropy=True, model=model)
         return list(WIRED["llama"])
-    if arch in WIRED:
+    if arch == "falcon":
         fuse_lm_head_loss(model, liger_linear_cross_entropy)
+        falcon_flash_attention(model)
         return list(WIRED[arch])
     return []
+
+
+def falcon_flash_attention(model) -> int:
+    """Same attention maths, fused SDPA kernel: K/V broadcast to every head, mask dropped when causal.
+
+    The mask is dropped only when it is plain causal (no padding, no cache); SDPA then runs with
+    is_causal=True. Falcon's create_causal_mask gets no position_ids, so that is all it would build.
+    """
+    from transformers.models.falcon import modeling_falcon as mf
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, mf.FalconAttention) and m.multi_query and not m.new_decoder_architecture:
+            split = m._split_heads
+
+            def split_expanded(fused_qkv, _split=split):
+                q, k, v = _split(fused_qkv)
+                return q, k.expand_as(q), v.expand_as(q)
+
+            m._split_heads = split_expanded
+            m.num_kv_heads = m.num_heads
+            n += 1
+    if n and not getattr(mf.create_causal_mask, "_qlora_lab", False):
+        original = mf.create_causal_mask
+
+        def create_causal_mask(*a, **kw):
+            am = kw.get("attention_mask")
+            if kw.get("past_key_values") is None and not a and (am is None or bool(am.all())):
+                return None
+            return original(*a, **kw)
+
+        create_causal_mask._qlora_lab = True
+        mf.create_causal_mask = create_causal_mask
+    return n
 
 
 def liger_linear_cross_entropy(weight, hidden, targets, reduction: str):

@@ -1,0 +1,71 @@
+"""`qlora-lab bench` end to end on tiny presets (CPU): JSON fields and the two paths' loss agreement.
+
+No speed assertions: CPU timings say nothing about a GPU.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from qlora_lab import kernels
+from qlora_lab.bench import LOSS_TOLERANCE, Shape, synthetic_examples
+
+from .conftest import run_cli
+
+
+def test_bench_cli_tiny_presets_agree_with_baseline(tmp_path):
+    out = tmp_path / "bench.json"
+    r = run_cli("bench", "--preset", "tiny-llama", "tiny-falcon", "--seq-len", "32", "--batch-size", "2",
+                "--steps", "3", "--baseline", "--output", out, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    assert out.with_suffix(".md").is_file() and "| tiny-llama | 2x32 | ours |" in r.stdout
+    rows = {(x["preset"], x["path"]): x for x in rep["rows"]}
+    assert set(rows) == {(p, q) for p in ("tiny-llama", "tiny-falcon") for q in ("ours", "baseline")}
+    for row in rows.values():
+        assert row["status"] == "ok" and row["steps"] == 3 and len(row["losses"]) == 3
+        for key in ("median_step_s", "tokens_per_s", "weights_bytes", "flops_per_token", "n_lora_modules"):
+            assert row[key] > 0, key
+        assert "peak_allocated_bytes" in row and "peak_reserved_bytes" in row and row["mfu"] is None  # CPU
+        assert rows[(row["preset"], "ours")]["n_lora_modules"] == rows[(row["preset"], "baseline")]["n_lora_modules"]
+    # The standard recipe leaves Falcon's FalconLinear layers 16-bit, and the table says so.
+    assert rows[("tiny-falcon", "baseline")]["n_linear_16bit"] == rows[("tiny-falcon", "baseline")]["n_linear"] > 0
+    assert rows[("tiny-falcon", "ours")]["n_linear_16bit"] == 0
+    assert "16-bit" in rep["table"]
+    assert len(rep["comparisons"]) == 2
+    for c in rep["comparisons"]:
+        assert c["loss_ok"] and c["loss_max_rel_diff"] <= LOSS_TOLERANCE and c["speedup"] > 0
+
+
+def test_synthetic_batches_are_fixed_and_skip_special_ids():
+    a = synthetic_examples(320, Shape(64, 2), steps=2)
+    assert a == synthetic_examples(320, Shape(64, 2), steps=2) and len(a) == 4
+    assert all(len(x["input_ids"]) == 64 and min(x["input_ids"]) >= 4 and x["labels"] == x["input_ids"] for x in a)
+
+
+def test_falcon_fused_head_and_attention_compute_the_same(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from qlora_lab.presets import make_model
+
+    path = make_model("tiny-falcon", tmp_path / "m")
+    ref = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").train()
+    fast = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").train()
+    assert kernels.falcon_flash_attention(fast) == 2
+    kernels.fuse_lm_head_loss(fast, kernels.torch_linear_cross_entropy)
+    ids = torch.randint(4, 320, (2, 40))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    la, lb = ref(input_ids=ids, labels=labels).loss, fast(input_ids=ids, labels=labels).loss
+    la.backward()
+    lb.backward()
+    assert torch.allclose(la, lb, rtol=1e-5)
+    ga = ref.transformer.h[0].self_attention.query_key_value.weight.grad
+    gb = fast.transformer.h[0].self_attention.query_key_value.weight.grad
+    assert torch.allclose(ga, gb, rtol=1e-4, atol=1e-6)
+    mask = torch.ones_like(ids)
+    mask[0, 30:] = 0  # padding keeps the real mask
+    with torch.no_grad():
+        assert torch.allclose(ref.eval()(input_ids=ids, attention_mask=mask).logits,
+                              fast.eval()(input_ids=ids, attention_mask=mask).logits, atol=1e-5)

@@ -1,0 +1,47 @@
+"""hardware.plan: the one place where dtype, kernels, recomputation and micro-batch are chosen."""
+from __future__ import annotations
+
+import pytest
+
+from qlora_lab import hardware
+from qlora_lab.config import load_config
+from qlora_lab.presets import model_config
+
+from .conftest import CONFIGS
+
+
+def test_cpu_plan_is_plain_and_explained():
+    cfg = load_config(CONFIGS / "tiny_llama_qlora.yaml")
+    p = hardware.plan(cfg, model_config("tiny-llama"))
+    assert p.device == "cpu" and p.compute_dtype == "float32" and p.kernels == "none"
+    assert p.gradient_checkpointing is False and p.checkpoint_layers == 0
+    assert p.optim == "adamw_torch"  # paged optimizers need CUDA
+    assert p.reasons and all(isinstance(r, str) for r in p.reasons)
+
+
+def test_forced_checkpointing_is_kept():
+    cfg = load_config(CONFIGS / "tiny_llama_qlora.yaml", ["train.gradient_checkpointing=true"])
+    p = hardware.plan(cfg, model_config("tiny-llama"))
+    assert p.gradient_checkpointing and p.checkpoint_layers == 2
+
+
+@pytest.mark.parametrize("preset", ["llama2-7b", "falcon-7b"])
+def test_h100_trains_7b_without_recomputation(preset):
+    mc = model_config(preset)
+    for seq_len, batch in [(512, 8), (2048, 2)]:
+        micro, k, est, _ = hardware.choose_batch_and_checkpointing(mc, 4, seq_len, batch, 0.9 * 79.2)
+        assert (micro, k) == (batch, 0) and est < 45  # measured peaks: 29.3 (Llama), 32.5 (Falcon) GiB
+
+
+@pytest.mark.parametrize("preset", ["llama2-7b", "falcon-7b"])
+def test_t4_budget_fits_by_recomputing(preset):
+    mc = model_config(preset)
+    micro, k, est, _ = hardware.choose_batch_and_checkpointing(mc, 4, 512, 8, 15.0)
+    assert est <= 15.0 and 0 < k <= mc.num_hidden_layers and 8 % micro == 0
+
+
+def test_estimates_grow_with_tokens_and_shrink_with_recomputation():
+    mc = model_config("llama2-7b")
+    a = hardware.estimate_peak_gib(mc, 4, 4096, 0)
+    assert hardware.estimate_peak_gib(mc, 4, 8192, 0) > a > hardware.estimate_peak_gib(mc, 4, 4096, 32)
+    assert hardware.weights_gib(mc, 4) < 4 < hardware.weights_gib(mc, None)
