@@ -12,9 +12,9 @@ Placeholders: {bad} = tests/fixtures/bad, {fx} = tests/fixtures, {cfg} = the tin
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
-import shutil
 import subprocess
 import sys
 
@@ -56,6 +56,16 @@ CASES = [
     ("set-unknown-section", TRAIN + ["--set", "trainer.max_steps=3"], ["trainer", "unknown section"]),
     ("set-no-equals", TRAIN + ["--set", "train.max_steps"], ["train.max_steps", "section.key=value"]),
     ("set-no-section", TRAIN + ["--set", "max_steps=3"], ["max_steps", "section.key"]),
+    # --- the model a config names
+    ("model-folder-missing", TRAIN + ["--set", "model.random_init=null", "--set", "model.name_or_path={w}/nope"],
+     ["model.name_or_path", "nope", "not a model folder"]),
+    ("model-folder-not-a-model", TRAIN + ["--set", "model.random_init=null", "--set", "model.name_or_path={w}/notarun"],
+     ["model.name_or_path", "notarun", "config.json"]),
+    ("model-hub-id-offline", TRAIN + ["--set", "model.random_init=null", "--set", "model.name_or_path=no-such-org/no-such-model"],
+     ["model.name_or_path", "no-such-org/no-such-model"]),
+    ("lora-targets-unknown", TRAIN + ["--set", "lora.target_modules=[nope_proj]"], ["lora.target_modules", "nope_proj", "q_proj"]),
+    ("attn-flash-missing", TRAIN + ["--set", "model.attn_implementation=flash_attention_2"],
+     ["model.attn_implementation", "flash-attn"]),
     # --- CLI arguments
     ("cli-unknown-verb", ["fly"], ["fly", "invalid choice"]),
     ("cli-unknown-option", ["train", "{cfg}", "--epochs", "3"], ["--epochs"]),
@@ -164,7 +174,9 @@ def _check(rc, err, fragments, before, after, w):
 def test_bad_input(case, tmp_path, capsys):
     from qlora_lab.cli import main
 
-    _, argv, fragments = case
+    name, argv, fragments = case
+    if name == "attn-flash-missing" and importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
     w = _world(tmp_path)
     before = _state(w, FIXTURES)
     capsys.readouterr()

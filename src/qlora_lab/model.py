@@ -38,7 +38,25 @@ def model_path(cfg) -> str:
         from .presets import cached_model
 
         return str(cached_model(cfg.model.random_init))
-    return cfg.model.name_or_path
+    name = cfg.model.name_or_path
+    local = Path(name).expanduser()
+    if name.startswith((".", "/", "~")) or local.exists():  # a folder, not a hub id
+        if not (local / "config.json").is_file():
+            raise UserError(f"model.name_or_path: {name}: not a model folder (no config.json there)")
+        return str(local)
+    return name
+
+
+def load_hf_config(cfg, path: str):
+    """The model's transformers config; a hub id that cannot be fetched is a one-line error."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, revision=cfg.model.revision,
+                                          trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"model.name_or_path: {path}: cannot load its config: {first}") from None
 
 
 def bnb_config(cfg, dtype: torch.dtype):
@@ -93,15 +111,19 @@ def _ensure_pad_token(tok) -> None:
 
 def load_model(cfg, for_training: bool = False, plan=None, device_map=None):
     """(model, tokenizer, summary). Quantized to NF4 when cfg.quant.bits == 4, verified either way."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM
 
     from .hardware import resolve_compute_dtype
 
     path = model_path(cfg)
     dtype_name = plan.compute_dtype if plan else resolve_compute_dtype(cfg.quant.bnb_4bit_compute_dtype)[0]
     dtype = getattr(torch, dtype_name)
-    hf_config = AutoConfig.from_pretrained(path, revision=cfg.model.revision,
-                                           trust_remote_code=cfg.model.trust_remote_code)
+    hf_config = load_hf_config(cfg, path)
+    if cfg.model.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise UserError("model.attn_implementation: flash_attention_2 needs the flash-attn package, which "
+                        "is not installed; use sdpa")
     tok = load_tokenizer(cfg, path)
     if device_map is None:
         device_map = {"": _local_device()}
@@ -225,7 +247,14 @@ def add_lora(model, cfg, gradient_checkpointing: bool | int):
     expected = None
     if isinstance(targets, list):
         expected = sum(1 for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in targets)
-    peft_model = get_peft_model(model, lcfg)
+    try:
+        peft_model = get_peft_model(model, lcfg)
+    except ValueError as e:
+        if type(e).__name__ != "NoMatchingPeftModuleError":  # peft: no module matched the names
+            raise
+        names = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise UserError(f"lora.target_modules: {targets} matched no layer of this "
+                        f"{model.config.model_type} model; its linear layers: {', '.join(names)}") from None
     n_lora = sum(1 for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and len(getattr(m, "lora_A", {})))
     if expected is not None and n_lora != expected:
         raise UserError(f"lora.target_modules: {n_lora} adapters attached, expected {expected} for {targets}")

@@ -66,14 +66,11 @@ def is_main_process() -> bool:
 
 
 def load_plan(cfg: Config, run: RunFolder):
-    from transformers import AutoConfig
-
     from .hardware import apply_memory_budget, plan
-    from .model import load_tokenizer, model_path
+    from .model import load_hf_config, load_tokenizer, model_path
 
     path = model_path(cfg)
-    hf_config = AutoConfig.from_pretrained(path, revision=cfg.model.revision,
-                                           trust_remote_code=cfg.model.trust_remote_code)
+    hf_config = load_hf_config(cfg, path)
     p = plan(cfg, hf_config)
     for r in p.reasons:
         log.info("plan: %s", r)
