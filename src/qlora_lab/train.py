@@ -47,8 +47,11 @@ def prepare_run_folder(cfg: Config, output_dir, resume: bool) -> RunFolder:
     if resume:
         if not run.config_file.is_file():
             raise UserError(f"{path}: --resume needs an existing run folder (no config.yaml here)")
-        if run.last_checkpoint() is None:
+        last = run.last_checkpoint()
+        if last is None:
             raise UserError(f"{path}: --resume found no complete checkpoint under {run.checkpoints_dir}")
+        if not (last / "adapter_model.safetensors").is_file():  # never unpickle adapter weights
+            raise UserError(f"{last}: no adapter_model.safetensors (a pickle adapter .bin/.pt is not loaded)")
     elif run.metrics_file.exists() or run.checkpoints():
         raise UserError(f"{path}: already holds a run; pass --resume to continue it or choose --output-dir")
     if is_main_process():  # data-parallel runs write one run folder, from rank 0
@@ -438,6 +441,10 @@ def _record_failure(trainer, run: RunFolder, e: Exception) -> None:
             f"out of GPU memory at step {trainer.state.global_step}: lower train.per_device_train_batch_size "
             f"(raise gradient_accumulation_steps to keep the global batch), lower data.max_length, set "
             f"train.gradient_checkpointing=true, or raise train.memory_budget_gib if the GPU has more") from None
+    if type(e).__name__ == "UnpicklingError":  # torch.load(weights_only=True) met more than tensors
+        run.set_status("failed: unsafe checkpoint", step=trainer.state.global_step)
+        raise UserError(f"{run.last_checkpoint()}: a checkpoint file holds objects other than tensors; "
+                        f"refused (not unpickled): {str(e).strip().splitlines()[0]}") from None
     if isinstance(e, OSError) and e.errno is not None:  # disk full, read-only, quota: not a bug
         try:
             run.set_status(f"failed: {e.strerror}", step=trainer.state.global_step)
