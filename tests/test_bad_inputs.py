@@ -132,6 +132,7 @@ def _world(tmp_path):
     (run / "train.log").write_text("earlier log\n")
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "loss": 4.0}\n')
     (ckpt / "trainer_state.json").write_text("{}")
+    (ckpt / "adapter_model.safetensors").write_bytes(b"")  # not read: the data error comes first
     (ckpt / "qlora_lab_state.json").write_text(json.dumps({"step": 2, "tokens": 100}))
     (w / "notarun").mkdir()
     (w / "notarun" / "notes.txt").write_text("just a folder\n")
