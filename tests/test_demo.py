@@ -1,0 +1,64 @@
+"""`qlora-lab demo` end to end, as a user runs it after `pip install -e .`: CPU, no network."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from qlora_lab import demo
+from qlora_lab.errors import UserError
+
+from .conftest import run_cli
+
+
+def test_shipped_demo_set_is_lima_format_and_big_enough():
+    pairs = demo.demo_pairs()
+    assert len(pairs) >= 20 and all(q.strip() and a.strip() for q, a in pairs)
+    assert len({q for q, _ in pairs}) == len(pairs)
+
+
+def test_demo_configs_differ_only_in_quantization(tmp_path):
+    q, l = demo.demo_config("qlora", tmp_path / "x.jsonl"), demo.demo_config("lora", tmp_path / "x.jsonl")
+    dq, dl = q.to_dict(), l.to_dict()
+    assert q.is_qlora and not l.is_qlora
+    dq["train"].pop("run_name"), dl["train"].pop("run_name")
+    assert {s for s in dq if dq[s] != dl[s]} == {"quant"}
+    assert q.generation.do_sample is False  # greedy: exact matches are meaningful
+
+
+def test_out_dir_of_someone_else_is_never_deleted(tmp_path):
+    (tmp_path / "mine.txt").write_text("keep")
+    with pytest.raises(UserError, match="not empty"):
+        demo.prepare_out_dir(tmp_path)
+    assert (tmp_path / "mine.txt").read_text() == "keep"
+
+
+@pytest.mark.slow
+def test_demo_learns_and_writes_everything(tmp_path):
+    out = tmp_path / "demo"
+    t0 = time.perf_counter()
+    r = run_cli("demo", "-o", out, "--no-progress", timeout=600)
+    seconds = time.perf_counter() - t0
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert seconds < 300, f"demo took {seconds:.0f} s (budget: 5 minutes on 2 CPU cores)"
+    for name in ("loss.png", "loss.svg", "table.md", "table.html", "summary.json", "generations.jsonl"):
+        assert (out / name).is_file() and str(out / name) in r.stdout
+    for m in ("qlora", "lora"):
+        run = out / "runs" / f"tiny_llama_{m}"
+        assert (run / "adapter" / "adapter_model.safetensors").is_file() and str(run) in r.stdout
+        assert json.loads((run / "train_summary.json").read_text())["status"] == "completed"
+    info = json.loads((out / demo.MARKER).read_text())
+    assert info["exact_match"]["base"] == 0.0
+    assert info["exact_match"]["qlora"] >= 0.8 and info["exact_match"]["lora"] >= 0.8
+    assert "base: 0/24 (0%)" in r.stdout and "qlora: " in r.stdout
+    # the figures printed are the figures in the generations
+    rows = [json.loads(l) for l in (out / "generations.jsonl").read_text().splitlines()]
+    answers = dict(demo.demo_pairs())
+    lora = [x for x in rows if x["model"] == "tiny_llama_lora"]
+    assert sum(x["answer"] == answers[x["prompt"]] for x in lora) == info["exact_counts"]["lora"]
+    md = (out / "table.md").read_text()
+    assert "| demo | What is the capital of France? |" in md and "The capital of France is Paris." in md
+    # running it again replaces its own folder
+    assert run_cli("demo", "-o", out, "--steps", "1", "--no-progress").returncode in (0, 1)
+    assert json.loads((out / demo.MARKER).read_text())["runs"]
