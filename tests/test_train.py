@@ -144,3 +144,14 @@ def test_wandb_offline_without_key(tmp_path, monkeypatch):
     assert "wandb runs offline" in r.stderr
     assert (out / "wandb").is_dir()
     assert len(RunFolder(out).metrics()) >= 2
+
+
+def test_packing_trains_llama_and_is_refused_for_falcon(tmp_path):
+    r = run_cli("train", CONFIGS / "tiny_llama_qlora.yaml", "--output-dir", tmp_path / "p", "--set",
+                "train.max_steps=2", "--set", "data.packing=true")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len([x for x in RunFolder(tmp_path / "p").metrics() if "loss" in x]) == 2
+    r = run_cli("train", CONFIGS / "tiny_falcon_qlora.yaml", "--output-dir", tmp_path / "f", "--set",
+                "data.packing=true")
+    assert r.returncode == 2 and "data.packing" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "f" / "metrics.jsonl").exists()

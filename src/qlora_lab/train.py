@@ -16,10 +16,14 @@ import time
 from pathlib import Path
 
 from .config import Config, to_yaml
-from .errors import UserError
+from .errors import ConfigError, UserError
 from .runs import STATE_FILE, RunFolder, atomic_write_json, env_info
 
 log = logging.getLogger("qlora_lab.train")
+
+# Architectures whose attention builds its mask from position_ids, so padding-free packing keeps
+# examples apart (checked by tests/test_data_packing.py). Falcon's attention does not.
+PACKING_SAFE = {"llama"}
 
 
 def main(cfg: Config, output_dir=None, resume: bool = False) -> Path:
@@ -74,6 +78,10 @@ def load_plan(cfg: Config, run: RunFolder):
 
     path = model_path(cfg)
     hf_config = load_hf_config(cfg, path)
+    if cfg.data.packing and hf_config.model_type not in PACKING_SAFE:
+        raise ConfigError(
+            f"{cfg.source}: data.packing: true is not supported for model_type {hf_config.model_type!r}: its "
+            f"attention ignores position_ids, so packed examples would attend to each other; allowed: false")
     p = plan(cfg, hf_config)
     for r in p.reasons:
         log.info("plan: %s", r)
