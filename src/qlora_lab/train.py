@@ -164,6 +164,7 @@ def build_trainer(cfg: Config, plan, model, tokenizer, train_ds, eval_ds, run: R
     trainer = _Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds if has_eval else None,
                        data_collator=collator, processing_class=tokenizer)
     trainer.add_callback(_RunCallback(trainer, run))
+    _quiet_console_logs(trainer)
     return trainer
 
 
@@ -372,6 +373,26 @@ class _RunCallback(_HFCallback):
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if ckpt.is_dir():
             atomic_write_json(ckpt / STATE_FILE, {"step": state.global_step, "tokens": self.trainer.tokens_trained})
+
+
+def _quiet_console_logs(trainer) -> None:
+    """Show loss and learning rate on the progress bar instead of printing every log dict.
+
+    Every logged value is in metrics.jsonl (and wandb); the console keeps one bar and our summary lines.
+    """
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class _BarCallback(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            bar = getattr(self, "training_bar", None)
+            if state.is_world_process_zero and bar is not None and logs:
+                shown = {k: f"{logs[k]:.4g}" for k in ("loss", "eval_loss", "learning_rate") if k in logs}
+                if shown:
+                    bar.set_postfix(shown, refresh=False)
+
+    trainer.remove_callback(PrinterCallback)
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(_BarCallback())
 
 
 class _GracefulStop:
