@@ -7,7 +7,6 @@ import pytest
 
 from qlora_lab import generate
 from qlora_lab.config import load_config
-from qlora_lab.errors import UserError
 
 from .conftest import CONFIGS, run_cli
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from qlora_lab.config import load_config
 from qlora_lab.model import QuantizationError, TARGETS, add_lora, load_model

@@ -1,13 +1,10 @@
 """The training recipe end to end through the real CLI, on tiny random-weight Llama and Falcon."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
-import yaml
 
-from qlora_lab.config import load_config
 from qlora_lab.runs import RunFolder
 
 from .conftest import CONFIGS, run_cli

@@ -15,7 +15,6 @@ import html
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -24,6 +23,7 @@ import pandas as pd
 import yaml
 
 from .errors import UserError
+from .fileio import atomic_write
 
 GiB = 1024**3
 # Answers longer than this many characters fold into a <details> block (first part stays visible).
@@ -35,17 +35,7 @@ PREVIEW_CHARS = 160
 
 def write_atomic(path, data) -> Path:
     """Write text or bytes to `path` via a temp file in the same folder, then os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, data)
 
 
 def read_jsonl(path) -> list[dict]:

@@ -27,24 +27,13 @@ import tempfile
 from pathlib import Path
 
 from .errors import UserError
+from .fileio import atomic_write
 
 STATE_FILE = "qlora_lab_state.json"  # written last into a checkpoint: marks it complete
 
 
 def atomic_write_text(path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, text)
 
 
 def _clean(obj):

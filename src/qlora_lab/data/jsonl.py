@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import re
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from ..errors import DataError, where
+from ..fileio import atomic_open
 
 _GZIP_MAGIC = b"\x1f\x8b"
 
@@ -144,24 +143,11 @@ def write_jsonl_atomic(path, rows: Iterable[dict]) -> int:
     If anything fails (including an error raised while producing `rows`), the temp file is removed
     and an existing `path` is left exactly as it was.
     """
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     n = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                n += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_open(path) as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
     return n
 
 
