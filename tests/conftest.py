@@ -18,6 +18,34 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+class _CurrentStderr:
+    """A stream that is whatever sys.stderr is now.
+
+    Library loggers (transformers, datasets) bind sys.stderr once; tests that call the CLI in-process
+    under capsys would leave them writing to a stream pytest has since closed.
+    """
+
+    def write(self, s):
+        return sys.stderr.write(s)
+
+    def flush(self):
+        return sys.stderr.flush()
+
+
+def pytest_configure(config):
+    import importlib
+
+    for name in ("transformers.utils.logging", "datasets.utils.logging"):
+        try:
+            lib = importlib.import_module(name)
+        except ImportError:
+            continue
+        lib.get_logger()  # creates the library's handler
+        handler = getattr(lib, "_default_handler", None)
+        if handler is not None:
+            handler.setStream(_CurrentStderr())
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 
