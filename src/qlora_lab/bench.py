@@ -424,15 +424,20 @@ def _worker_ours(spec, shapes, emit) -> int:
                     summary.get("n_linear_expected_4bit", 0) - summary.get("n_linear_4bit", 0) if summary.get("quantization") else None,
                 "n_linear": summary.get("n_linear_total"), "n_lora_modules": summary.get("n_lora_modules")}))
         except Exception as e:  # an OOM loses this shape only
-            emit("row", row={"preset": spec["preset"], "path": spec["label"], "seq_len": shape.seq_len,
-                             "batch_size": shape.batch_size, "status": "failed: out of memory" if _oom(e)
-                             else f"failed: {type(e).__name__}: {str(e)[:200]}", **_peaks()})
+            emit("row", row=_failed_row(spec, shape, e))
             if not _oom(e):
                 raise
         finally:
             trainer = None
             _peak_reset()
     return 0
+
+
+def _failed_row(spec, shape, e) -> dict:
+    """The table row of a shape that failed: out of memory loses that shape only."""
+    return {"preset": spec["preset"], "path": spec["label"], "seq_len": shape.seq_len,
+            "batch_size": shape.batch_size, "status": "failed: out of memory" if _oom(e)
+            else f"failed: {type(e).__name__}: {str(e)[:200]}", **_peaks()}
 
 
 def _worker_baseline(spec, shapes, emit) -> int:
@@ -476,9 +481,7 @@ def _worker_baseline(spec, shapes, emit) -> int:
                 "weights_bytes_loaded": facts["weights_bytes_loaded"], "n_linear_16bit": facts["n_linear_16bit"],
                 "n_linear": facts["n_linear"], "n_lora_modules": n_lora, "lora_init": lora_init}))
         except Exception as e:
-            emit("row", row={"preset": spec["preset"], "path": spec["label"], "seq_len": shape.seq_len,
-                             "batch_size": shape.batch_size, "status": "failed: out of memory" if _oom(e)
-                             else f"failed: {type(e).__name__}: {str(e)[:200]}", **_peaks()})
+            emit("row", row=_failed_row(spec, shape, e))
             if not _oom(e):
                 raise
         finally:
