@@ -152,3 +152,19 @@ def test_packing_trains_llama_and_is_refused_for_falcon(tmp_path):
                 "data.packing=true")
     assert r.returncode == 2 and "data.packing" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "f" / "metrics.jsonl").exists()
+
+
+def test_oom_while_loading_the_model_names_the_knobs(tmp_path, capsys, monkeypatch):
+    import qlora_lab.model as M
+    from qlora_lab.cli import main
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 13.00 GiB.")
+
+    monkeypatch.setattr(M, "load_model", oom)
+    out = tmp_path / "oom"
+    rc = main(["train", str(CONFIGS / "tiny_llama_lora.yaml"), "--output-dir", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and "Tried to allocate" not in err
+    assert "out of GPU memory while loading the base model" in err and "quant.bits=4" in err
+    assert RunFolder(out).status() == "failed: out of memory"

@@ -106,7 +106,16 @@ def load_model(cfg: Config, plan, run: RunFolder):
     from .model import add_lora
     from .model import load_model as load_base
 
-    model, _, summary = load_base(cfg, for_training=True, plan=plan)
+    import torch
+
+    try:
+        model, _, summary = load_base(cfg, for_training=True, plan=plan)
+    except torch.OutOfMemoryError:
+        run.set_status("failed: out of memory", step=0)
+        raise UserError(
+            "out of GPU memory while loading the base model: use quant.bits=4 (a 7B base takes ~3.6 GiB in NF4 "
+            "instead of ~13 GiB in 16 bits), a GPU with more memory, or raise train.memory_budget_gib if it is "
+            "set below the card's memory") from None
     fused = kernels.apply(model) if plan.kernels == "liger" else []
     # All, none, or the first plan.checkpoint_layers decoder layers recompute their activations.
     gc = plan.checkpoint_layers if plan.gradient_checkpointing and plan.checkpoint_layers else plan.gradient_checkpointing
