@@ -49,7 +49,8 @@ class Shape:
 def run(presets, shapes, steps: int = 20, baseline: bool = False, memory_budget=None, overrides=(),
         variants=(), output=None, warmup=None, timeout=None, command: str | None = None) -> dict:
     """Run every worker, print the table, write JSON (and a Markdown twin) to `output`. Returns the report."""
-    from .runs import atomic_write_json, atomic_write_text, env_info
+    from .fileio import atomic_write
+    from .runs import atomic_write_json, env_info
 
     warmup = default_warmup(steps) if warmup is None else warmup
     output = Path(output) if output else default_output(presets, memory_budget)
@@ -80,7 +81,7 @@ def run(presets, shapes, steps: int = 20, baseline: bool = False, memory_budget=
     table = markdown(report)
     report["table"] = table
     atomic_write_json(output, report)
-    atomic_write_text(output.with_suffix(".md"), table + "\n")
+    atomic_write(output.with_suffix(".md"), table + "\n")
     print(table)
     print(f"\nwrote {output} and {output.with_suffix('.md')}")
     return report

@@ -25,6 +25,7 @@ from typing import Optional
 
 from .config import Config, GenerationConfig, from_dict
 from .errors import UserError
+from .fileio import atomic_write
 from .prompts import Prompt, PromptSet
 
 MARKER = "demo.json"
@@ -200,7 +201,7 @@ def run_demo(out_dir="qlora-lab-demo", steps: Optional[int] = None, progress: bo
     files.update({"loss.png": png, "loss.svg": svg})
     result = DemoResult(out_dir=out, runs=runs, files=files, exact=exact, n_pairs=n,
                         seconds=time.perf_counter() - t0, counts=hits)
-    report.write_atomic(out / MARKER, json.dumps({
+    atomic_write(out / MARKER, json.dumps({
         "what": "qlora-lab demo output; `qlora-lab demo` replaces it", "exact_match": exact,
         "exact_counts": hits, "n_pairs": n, "seconds": round(result.seconds, 1), "learned": result.learned,
         "runs": {m: str(p) for m, p in runs.items()}}, indent=2))

@@ -24,7 +24,8 @@ from .config import Config, GenerationConfig, from_dict, load_config
 from .errors import UserError
 from .presets import PRESETS
 from .prompts import PromptSet, load_prompts
-from .report import read_run, write_atomic
+from .fileio import atomic_write
+from .report import read_run
 
 log = logging.getLogger("qlora_lab.generate")
 
@@ -214,7 +215,7 @@ def run(targets: Sequence[Target], prompts, gen: GenerationConfig, out=None,
     order = {t.label: i for i, t in enumerate(targets)}
     rows.sort(key=lambda r: order[r["model"]])  # stable: prompt order kept within a target
     if out is not None:
-        write_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        atomic_write(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return rows
 
 

@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 
 from .errors import UserError
-from .report import read_jsonl, read_run, write_atomic
+from .fileio import atomic_write
+from .report import read_jsonl, read_run
 
 COLUMNS = ("step", "tokens", "loss", "eval_loss", "learning_rate", "epoch")
 X_AXES = ("step", "tokens")
@@ -166,5 +167,5 @@ def save_figure(fig, path, formats: Sequence[str] = ("png", "svg"), dpi: int = 1
     for fmt in formats:
         buf = io.BytesIO()
         fig.savefig(buf, format=fmt, dpi=dpi)
-        out.append(write_atomic(stem.with_suffix(f".{fmt}"), buf.getvalue()))
+        out.append(atomic_write(stem.with_suffix(f".{fmt}"), buf.getvalue()))
     return out

@@ -33,27 +33,11 @@ PREVIEW_CHARS = 160
 
 # ----------------------------------------------------------------------------- files
 
-def write_atomic(path, data) -> Path:
-    """Write text or bytes to `path` via a temp file in the same folder, then os.replace."""
-    return atomic_write(path, data)
-
-
 def read_jsonl(path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{i}: invalid JSON: {e.msg}") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{path}:{i}: each line must be a JSON object")
-        rows.append(row)
-    return rows
+    """Every object of a JSONL file (generations, metrics); errors name the file and line."""
+    from .data.jsonl import read_jsonl as read_lines
+
+    return [obj for _, obj in read_lines(path, allow_empty=True)]
 
 
 def _read_json(path) -> dict:
@@ -375,15 +359,15 @@ def write_study(out_dir, runs: Sequence, generations=None, prompts=None, title: 
     if generations is not None:
         rows = read_jsonl(generations) if isinstance(generations, (str, os.PathLike)) else list(generations)
         table = comparison_table(rows, prompts)
-        written["generations.jsonl"] = write_atomic(
+        written["generations.jsonl"] = atomic_write(
             out / "generations.jsonl", "".join(json.dumps(g, ensure_ascii=False) + "\n" for g in rows))
     notes = [*provenance(runs), *notes]
-    written["table.md"] = write_atomic(out / "table.md", to_markdown(table, summary, title, notes))
-    written["table.html"] = write_atomic(out / "table.html", to_html(table, summary, title, notes))
+    written["table.md"] = atomic_write(out / "table.md", to_markdown(table, summary, title, notes))
+    written["table.html"] = atomic_write(out / "table.html", to_html(table, summary, title, notes))
     for r in runs:
         if r.metrics_path.is_file():
             dst = out / "metrics" / f"{r.name.replace('/', '_')}.jsonl"
-            written[f"metrics/{dst.name}"] = write_atomic(dst, r.metrics_path.read_bytes())
+            written[f"metrics/{dst.name}"] = atomic_write(dst, r.metrics_path.read_bytes())
     doc = {
         "title": title,
         "provenance": notes,
@@ -393,7 +377,7 @@ def write_study(out_dir, runs: Sequence, generations=None, prompts=None, title: 
         "model_summaries": {r.name: r.model_summary for r in runs},
         "env": {r.name: r.env for r in runs},
     }
-    written["summary.json"] = write_atomic(out / "summary.json", json.dumps(doc, indent=2, default=str) + "\n")
+    written["summary.json"] = atomic_write(out / "summary.json", json.dumps(doc, indent=2, default=str) + "\n")
     return written
 
 

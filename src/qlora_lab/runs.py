@@ -32,10 +32,6 @@ from .fileio import atomic_write
 STATE_FILE = "qlora_lab_state.json"  # written last into a checkpoint: marks it complete
 
 
-def atomic_write_text(path, text: str) -> None:
-    atomic_write(path, text)
-
-
 def _clean(obj):
     """JSON-safe: NaN/Inf become None (metrics.jsonl stays strict JSON)."""
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -48,7 +44,7 @@ def _clean(obj):
 
 
 def atomic_write_json(path, obj) -> None:
-    atomic_write_text(path, json.dumps(_clean(obj), indent=2, default=str) + "\n")
+    atomic_write(path, json.dumps(_clean(obj), indent=2, default=str) + "\n")
 
 
 class RunFolder:
@@ -126,7 +122,7 @@ class RunFolder:
         if not self.writer:
             return
         kept = [r for r in self.metrics() if r.get("step", 0) <= last_step]
-        atomic_write_text(self.metrics_file, "".join(json.dumps(r) + "\n" for r in kept))
+        atomic_write(self.metrics_file, "".join(json.dumps(r) + "\n" for r in kept))
 
     # -- checkpoints
     def checkpoints(self) -> list[Path]:

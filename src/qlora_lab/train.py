@@ -59,10 +59,10 @@ def prepare_run_folder(cfg: Config, output_dir, resume: bool) -> RunFolder:
     elif run.metrics_file.exists() or run.checkpoints():
         raise UserError(f"{path}: already holds a run; pass --resume to continue it or choose --output-dir")
     if is_main_process():  # data-parallel runs write one run folder, from rank 0
-        from .runs import atomic_write_text
+        from .fileio import atomic_write
 
         path.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run.config_file, to_yaml(cfg))
+        atomic_write(run.config_file, to_yaml(cfg))
         atomic_write_json(path / "env.json", env_info())
         run.set_status("running")
     return run

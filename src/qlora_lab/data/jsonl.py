@@ -30,11 +30,12 @@ def open_binary(path):
     return gzip.open(p, "rb") if head == _GZIP_MAGIC else open(p, "rb")
 
 
-def read_jsonl(path) -> Iterator[tuple[int, dict]]:
+def read_jsonl(path, allow_empty: bool = False) -> Iterator[tuple[int, dict]]:
     """Yield (line number, object) for each non-blank line; raise DataError on the first bad one.
 
     Lines are decoded one by one so a non-UTF-8 byte is reported with its line. Blank lines are
-    skipped (a trailing newline is not an error); a file with no record at all is.
+    skipped (a trailing newline is not an error); a file with no record at all is, unless
+    `allow_empty` (a run's metrics before its first logged step).
     """
     n = 0
     f = open_binary(path)
@@ -64,7 +65,7 @@ def read_jsonl(path) -> Iterator[tuple[int, dict]]:
             yield lineno, obj
     finally:
         f.close()
-    if n == 0:
+    if n == 0 and not allow_empty:
         raise DataError(f"{where(path)}: empty file (no JSON record)")
 
 
