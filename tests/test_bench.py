@@ -17,12 +17,17 @@ from .conftest import run_cli
 def test_bench_cli_tiny_presets_agree_with_baseline(tmp_path):
     out = tmp_path / "bench.json"
     r = run_cli("bench", "--preset", "tiny-llama", "tiny-falcon", "--seq-len", "32", "--batch-size", "2",
-                "--steps", "3", "--baseline", "--output", out, timeout=900)
+                "--steps", "3", "--baseline", "--variant", "peft:train.fused_lora=false", "--output", out, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads(out.read_text())
     assert out.with_suffix(".md").is_file() and "| tiny-llama | 2x32 | ours |" in r.stdout
     rows = {(x["preset"], x["path"]): x for x in rep["rows"]}
-    assert set(rows) == {(p, q) for p in ("tiny-llama", "tiny-falcon") for q in ("ours", "baseline")}
+    assert set(rows) == {(p, q) for p in ("tiny-llama", "tiny-falcon") for q in ("ours", "ours[peft]", "baseline")}
+    # A variant of runtime keys only trains in the ours process, on the model it loaded: no third process.
+    assert sorted(w["label"] for w in rep["workers"]) == ["baseline", "baseline", "ours", "ours"]
+    for p in ("tiny-llama", "tiny-falcon"):
+        assert rows[(p, "ours")]["fused_lora_modules"] == rows[(p, "ours")]["n_lora_modules"]
+        assert rows[(p, "ours[peft]")]["fused_lora_modules"] == 0
     for row in rows.values():
         assert row["status"] == "ok" and row["steps"] == 3 and len(row["losses"]) == 3
         for key in ("median_step_s", "tokens_per_s", "weights_bytes", "flops_per_token", "n_lora_modules"):
@@ -33,7 +38,7 @@ def test_bench_cli_tiny_presets_agree_with_baseline(tmp_path):
     assert rows[("tiny-falcon", "baseline")]["n_linear_16bit"] == rows[("tiny-falcon", "baseline")]["n_linear"] > 0
     assert rows[("tiny-falcon", "ours")]["n_linear_16bit"] == 0
     assert "16-bit" in rep["table"]
-    assert len(rep["comparisons"]) == 2
+    assert len(rep["comparisons"]) == 4
     for c in rep["comparisons"]:
         assert c["loss_ok"] and c["loss_max_rel_diff"] <= LOSS_TOLERANCE and c["speedup"] > 0
 

@@ -29,6 +29,8 @@ from pathlib import Path
 
 LOSS_STEPS = 20          # steps whose losses must agree between the two paths
 LOSS_TOLERANCE = 0.01    # relative
+# Variants that only change these keys run inside the "ours" process, on the model it already loaded.
+RUNTIME_KEYS = ("train.fused_lora", "train.gradient_checkpointing", "train.memory_budget_gib")
 
 
 @dataclass(frozen=True)
@@ -57,18 +59,25 @@ def run(presets, shapes, steps: int = 20, baseline: bool = False, memory_budget=
     report = {"command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "steps": steps,
               "warmup_steps": warmup, "memory_budget_gib": memory_budget, "env": env_info(),
               "workers": [], "rows": [], "comparisons": []}
-    paths = [("ours", "ours", list(overrides))]
-    paths += [(f"ours[{name}]", "ours", list(overrides) + list(sets)) for name, sets in variants]
+    runs = [("ours", list(overrides))]  # (label, overrides) trained by the ours process, in this order
+    paths = [("ours", "ours", runs)]
+    for name, sets in variants:
+        label, sets = f"ours[{name}]", list(overrides) + list(sets)
+        if all(s.split("=", 1)[0].strip() in RUNTIME_KEYS for s in sets[len(overrides):]):
+            runs.append((label, sets))
+        else:
+            paths.append((label, "ours", [(label, sets)]))
     if baseline:
-        paths.append(("baseline", "baseline", []))
+        paths.append(("baseline", "baseline", [("baseline", [])]))
     with tempfile.TemporaryDirectory(prefix="qlora-bench-") as work:
         for preset in presets:
             init_lora = Path(work) / f"{preset}-lora-init.safetensors"
-            for label, path, sets in paths:
+            for label, path, path_runs in paths:
                 spec = {"path": path, "label": label, "preset": preset, "shapes": [[s.seq_len, s.batch_size] for s in shapes],
-                        "steps": steps, "warmup": warmup, "memory_budget": memory_budget, "overrides": sets,
+                        "steps": steps, "warmup": warmup, "memory_budget": memory_budget, "runs": path_runs,
                         "workdir": str(Path(work) / f"{preset}-{label}"), "init_lora": str(init_lora)}
-                print(f"qlora-lab bench: {preset} {label} {' '.join(map(str, shapes))} ...", file=sys.stderr, flush=True)
+                print(f"qlora-lab bench: {preset} {', '.join(lb for lb, _ in path_runs)} {' '.join(map(str, shapes))} ...",
+                      file=sys.stderr, flush=True)
                 rows, info = _run_worker(spec, timeout)
                 report["workers"].append(info)
                 report["rows"].extend(rows)
@@ -122,12 +131,13 @@ def _run_worker(spec: dict, timeout) -> tuple[list, dict]:
         if e.get("event") == "start":
             info.update({k: v for k, v in e.items() if k != "event"})
     rows = [e["row"] for e in events if e.get("event") == "row"]
-    done = {(r["seq_len"], r["batch_size"]) for r in rows}
-    for L, B in spec["shapes"]:
-        if (L, B) not in done:  # the process died before this shape: say how
-            why = _last_error(tail) if rc != 0 else "no result"
-            rows.append({"preset": spec["preset"], "path": spec["label"], "seq_len": L, "batch_size": B,
-                         "status": f"failed: {why}"})
+    done = {(r["path"], r["seq_len"], r["batch_size"]) for r in rows}
+    for label, _ in spec["runs"]:
+        for L, B in spec["shapes"]:
+            if (label, L, B) not in done:  # the process died before this shape: say how
+                why = _last_error(tail) if rc != 0 else "no result"
+                rows.append({"preset": spec["preset"], "path": label, "seq_len": L, "batch_size": B,
+                             "status": f"failed: {why}"})
     return rows, info
 
 
@@ -378,60 +388,82 @@ def worker(spec: dict) -> int:
 
 
 def _worker_ours(spec, shapes, emit) -> int:
+    """Load the model once; train every (run, shape) on it, each run with its own plan."""
+    model = summary = None
+    for label, overrides in spec["runs"]:
+        for shape in shapes:
+            model, summary = _train_ours(spec, label, overrides, shape, model, summary, emit)
+    return 0
+
+
+def _train_ours(spec, label, overrides, shape, model, summary, emit):
+    import torch
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
     from transformers import set_seed
 
-    from . import train
+    from . import lora_fused, train
+
+    trainer = None
+    cfg = _bench_config(spec["preset"], shape, spec["steps"], spec["memory_budget"], overrides)
+    run = train.prepare_run_folder(cfg, Path(spec["workdir"]) / f"run-{label}-{shape}", resume=False)
+    set_seed(cfg.train.seed)
+    if torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(1.0, 0)  # load_plan applies this run's budget, if any
+    tok, hf_config, plan = train.load_plan(cfg, run)
+    try:
+        if model is None:
+            model = train.load_model(cfg, plan, run)
+            summary = run.read_json("model_summary.json")
+            emit("model", summary=summary, lora_init=_sync_init_lora(model, spec["init_lora"]))
+        else:  # the loaded model, this run's plan: recompute all, some or no layers; fused LoRA or not
+            _apply_plan(model, plan)
+            _sync_init_lora(model, spec["init_lora"])
+        ds = Dataset.from_list(synthetic_examples(hf_config.vocab_size, shape, spec["steps"]))
+        trainer = train.build_trainer(cfg, plan, model, tok, ds, None, run)
+        trainer._get_train_sampler = lambda *a, **k: SequentialSampler(ds)  # same order as the baseline
+        timer = _step_timer()
+        trainer.add_callback(timer)
+        _peak_reset()
+        trainer.train()
+        n = plan.checkpoint_layers if plan.checkpoint_layers is not None else hf_config.num_hidden_layers
+        words = (f"{plan.kernels}{' + fused LoRA' if plan.fused_lora else ''}, ckpt {n}/{hf_config.num_hidden_layers}, "
+                 f"micro {plan.per_device_train_batch_size}x{plan.gradient_accumulation_steps}"
+                 + (f", budget {plan.memory_budget_gib:g} GiB" if cfg.train.memory_budget_gib else ""))
+        emit("row", row=_row({**spec, "label": label}, shape, timer, spec["steps"], spec["warmup"], hf_config, {
+            "plan": plan.to_dict(), "plan_words": words, "kernels": summary.get("kernels"),
+            "fused_lora_modules": lora_fused.count(model),
+            "weights_bytes": summary.get("weights_bytes"), "n_linear_16bit":
+                summary.get("n_linear_expected_4bit", 0) - summary.get("n_linear_4bit", 0) if summary.get("quantization") else None,
+            "n_linear": summary.get("n_linear_total"), "n_lora_modules": summary.get("n_lora_modules")}))
+    except Exception as e:  # an OOM loses this shape only
+        emit("row", row=_failed_row({**spec, "label": label}, shape, e))
+        if not _oom(e):
+            raise
+    finally:
+        trainer = None
+        _peak_reset()
+    return model, summary
+
+
+def _apply_plan(model, plan) -> None:
+    """Switch the runtime choices of a loaded PeftModel to `plan`: recomputation and fused LoRA."""
+    from . import lora_fused
     from .model import _checkpoint_first_layers
 
-    model = tok = summary = None
-    for shape in shapes:
-        trainer = None
-        cfg = _bench_config(spec["preset"], shape, spec["steps"], spec["memory_budget"], spec["overrides"])
-        run = train.prepare_run_folder(cfg, Path(spec["workdir"]) / f"run-{shape}", resume=False)
-        set_seed(cfg.train.seed)
-        tok, hf_config, plan = train.load_plan(cfg, run)
-        try:
-            if model is None:
-                model = train.load_model(cfg, plan, run)
-                lora_init = _sync_init_lora(model, spec["init_lora"])
-                summary = run.read_json("model_summary.json")
-                emit("model", summary=summary, lora_init=lora_init)
-            else:  # same model, this shape's plan: recompute all, some or no layers
-                base = model.get_base_model()
-                k = plan.checkpoint_layers if plan.gradient_checkpointing and plan.checkpoint_layers else plan.gradient_checkpointing
-                if k:
-                    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-                    if k is not True:
-                        _checkpoint_first_layers(base, int(k))
-                    base.enable_input_require_grads()
-                else:
-                    base.gradient_checkpointing_disable()
-                _sync_init_lora(model, spec["init_lora"])
-            ds = Dataset.from_list(synthetic_examples(hf_config.vocab_size, shape, spec["steps"]))
-            trainer = train.build_trainer(cfg, plan, model, tok, ds, None, run)
-            trainer._get_train_sampler = lambda *a, **k: SequentialSampler(ds)  # same order as the baseline
-            timer = _step_timer()
-            trainer.add_callback(timer)
-            _peak_reset()
-            trainer.train()
-            n = plan.checkpoint_layers if plan.checkpoint_layers is not None else hf_config.num_hidden_layers
-            words = (f"{plan.kernels}, ckpt {n}/{hf_config.num_hidden_layers}, "
-                     f"micro {plan.per_device_train_batch_size}x{plan.gradient_accumulation_steps}")
-            emit("row", row=_row(spec, shape, timer, spec["steps"], spec["warmup"], hf_config, {
-                "plan": plan.to_dict(), "plan_words": words, "kernels": summary.get("kernels"),
-                "weights_bytes": summary.get("weights_bytes"), "n_linear_16bit":
-                    summary.get("n_linear_expected_4bit", 0) - summary.get("n_linear_4bit", 0) if summary.get("quantization") else None,
-                "n_linear": summary.get("n_linear_total"), "n_lora_modules": summary.get("n_lora_modules")}))
-        except Exception as e:  # an OOM loses this shape only
-            emit("row", row=_failed_row(spec, shape, e))
-            if not _oom(e):
-                raise
-        finally:
-            trainer = None
-            _peak_reset()
-    return 0
+    base = model.get_base_model()
+    k = plan.checkpoint_layers if plan.gradient_checkpointing and plan.checkpoint_layers else plan.gradient_checkpointing
+    if k:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if k is not True:
+            _checkpoint_first_layers(base, int(k))
+        base.enable_input_require_grads()
+    else:
+        base.gradient_checkpointing_disable()
+    if plan.fused_lora:
+        lora_fused.enable(model)
+    else:
+        lora_fused.disable(model)
 
 
 def _failed_row(spec, shape, e) -> dict:

@@ -93,6 +93,9 @@ class TrainConfig:
         "auto", "recompute activations: true saves memory, false is faster; auto decides from the memory budget",
         choices=("auto", True, False))
     kernels: str = _f("auto", "fused Triton kernels (Liger) on CUDA: auto = where supported", choices=("auto", "liger", "none"))
+    fused_lora: Union[str, bool] = _f(
+        "auto", "one autograd function per LoRA layer (dequantize + matmul + adapter) instead of peft's module "
+        "chain: same maths, fewer kernels; auto = on unless FSDP shards the model", choices=("auto", True, False))
     memory_budget_gib: Optional[float] = _f(None, "cap GPU memory to this many GiB (15 = a Colab T4)", min=1.0)
     output_dir: str = _f("runs", "run folders go under this directory")
     run_name: Optional[str] = _f(None, "folder and wandb run name; default: config file name")

@@ -39,6 +39,7 @@ class Plan:
     mixed_precision: str | None    # Trainer flag: "bf16" | "fp16" | None
     gradient_checkpointing: bool   # any layer recomputed
     kernels: str                   # "liger" | "none"
+    fused_lora: bool               # LoRA layers through lora_fused.LoRALinearFunction
     optim: str
     per_device_train_batch_size: int
     gradient_accumulation_steps: int
@@ -83,12 +84,16 @@ def _shape(mc) -> dict:
         kv = hd if getattr(mc, "multi_query", True) else h
         linears = [(h, h + 2 * kv), (h, h), (h, m), (m, h)]
         tied = getattr(mc, "tie_word_embeddings", True)
+        # Fused LoRA saves each input once (+1-byte masks) where peft saves input+mask per layer:
+        # qkv and h_to_4h share one input (parallel attention), dense's input is kept by SDPA anyway.
+        shared_saving = 4 * h
     else:
         m = getattr(mc, "intermediate_size", None) or 4 * h
         kv = hd * (getattr(mc, "num_key_value_heads", None) or heads)
         linears = [(h, h), (h, kv), (h, kv), (h, h), (h, m), (h, m), (m, h)]
         tied = getattr(mc, "tie_word_embeddings", False)
-    return dict(h=h, m=m, layers=n, vocab=mc.vocab_size, linears=linears, tied=tied)
+        shared_saving = 10 * h  # q, k, v, gate, up share one input; o_proj's is kept by SDPA anyway
+    return dict(h=h, m=m, layers=n, vocab=mc.vocab_size, linears=linears, tied=tied, shared_saving=shared_saving)
 
 
 def param_counts(mc, lora_r: int = 64) -> dict:
@@ -108,14 +113,15 @@ def weights_gib(mc, bits, dtype_bytes: int = 2) -> float:
 
 
 def activation_bytes_per_token(model_config, checkpointing: bool, seq_len: int = 0,
-                               fused_attention: bool = True) -> float:
+                               fused_attention: bool = True, fused_lora: bool = False) -> float:
     """Saved activations per token for a LoRA backward (16-bit activations, LoRA on every linear).
 
     Without recomputation a layer keeps each linear's input, each adapter's dropped-out input and
     mask, the attention inputs and output, the MLP's intermediates: 13 hidden-size and 3.6 MLP-width
     16-bit vectors, fitted to the H100 peak of Llama-2-7B at 8x512 (29.3 GiB; estimate 29.9). Falcon's
     attention without our fix stores its T x T scores (SDPA math kernel): 4 x heads x T bytes more.
-    With recomputation only the layer's input (one hidden vector) stays.
+    With recomputation only the layer's input (one hidden vector) stays. The fused LoRA layer
+    (lora_fused.py) keeps a shared input once where peft keeps a dropped-out copy per layer.
     """
     s = _shape(model_config)
     if checkpointing:
@@ -124,15 +130,18 @@ def activation_bytes_per_token(model_config, checkpointing: bool, seq_len: int =
         per_layer = 2 * (13 * s["h"] + 3.6 * s["m"])
         if model_config.model_type == "falcon" and not fused_attention:
             per_layer += 4 * model_config.num_attention_heads * seq_len
+        if fused_lora:
+            per_layer -= s["shared_saving"]
     return s["layers"] * per_layer
 
 
 def estimate_peak_gib(mc, bits, tokens: int, checkpoint_layers: int, lora_r: int = 64,
-                      fused_ce: bool = True, dtype_bytes: int = 2, seq_len: int = 0) -> float:
+                      fused_ce: bool = True, dtype_bytes: int = 2, seq_len: int = 0,
+                      fused_lora: bool = False) -> float:
     """Peak GPU memory (GiB) of one training step with `tokens` per micro-batch (fused_ce: our kernels)."""
     s = _shape(mc)
     n = s["layers"]
-    full = activation_bytes_per_token(mc, False, seq_len, fused_attention=fused_ce) / n
+    full = activation_bytes_per_token(mc, False, seq_len, fused_attention=fused_ce, fused_lora=fused_lora) / n
     ckpt = activation_bytes_per_token(mc, True) / n
     k = max(0, min(n, checkpoint_layers))
     act = tokens * ((n - k) * full + k * ckpt + (full if k else 0))  # + one layer re-materialized
@@ -142,7 +151,8 @@ def estimate_peak_gib(mc, bits, tokens: int, checkpoint_layers: int, lora_r: int
 
 
 def choose_batch_and_checkpointing(mc, bits, seq_len: int, global_batch: int, budget_gib: float,
-                                   lora_r: int = 64, fused_ce: bool = True) -> tuple[int, int, float, str]:
+                                   lora_r: int = 64, fused_ce: bool = True,
+                                   fused_lora: bool = False) -> tuple[int, int, float, str]:
     """(micro_batch, checkpoint_layers, est_peak_gib, why): the fastest split that fits the budget.
 
     Cost model in tokens of compute: tokens x (1 + 0.5 x fraction of layers recomputed) plus a fixed
@@ -154,7 +164,7 @@ def choose_batch_and_checkpointing(mc, bits, seq_len: int, global_batch: int, bu
     for micro in sorted((d for d in range(1, global_batch + 1) if global_batch % d == 0), reverse=True):
         tokens = micro * seq_len
         for k in range(n + 1):
-            est = estimate_peak_gib(mc, bits, tokens, k, lora_r, fused_ce, seq_len=seq_len)
+            est = estimate_peak_gib(mc, bits, tokens, k, lora_r, fused_ce, seq_len=seq_len, fused_lora=fused_lora)
             if est <= BUDGET_FILL * budget_gib:
                 cost = global_batch * seq_len * (1 + RECOMPUTE_COST * k / n) + \
                     (global_batch // micro) * MICRO_BATCH_OVERHEAD_TOKENS
@@ -162,7 +172,7 @@ def choose_batch_and_checkpointing(mc, bits, seq_len: int, global_batch: int, bu
                     best = (cost, micro, k, est)
                 break
     if best is None:  # nothing fits: smallest micro-batch, everything recomputed; the run will say OOM
-        est = estimate_peak_gib(mc, bits, seq_len, n, lora_r, fused_ce, seq_len=seq_len)
+        est = estimate_peak_gib(mc, bits, seq_len, n, lora_r, fused_ce, seq_len=seq_len, fused_lora=fused_lora)
         return 1, n, est, f"nothing fits {budget_gib:.1f} GiB by the estimate (needs {est:.1f}); trying the smallest"
     _, micro, k, est = best
     return micro, k, est, f"est. peak {est:.1f} GiB of {budget_gib:.1f}"
@@ -210,6 +220,14 @@ def plan(cfg, model_config=None) -> Plan:
     else:
         reasons.append("kernels=none: set in config")
 
+    fused_lora = t.fused_lora
+    if fused_lora == "auto":
+        fused_lora = not fsdp_active()
+        reasons.append("fused_lora=" + ("on: one autograd function per LoRA layer" if fused_lora else
+                                        "off: FSDP shards the 4-bit weights (peft + bitsandbytes handle that)"))
+    else:
+        reasons.append(f"fused_lora={'on' if fused_lora else 'off'}: set in config")
+
     # Per process: the config's global batch divided over the data-parallel processes.
     micro, accum = split_global_batch(t.per_device_train_batch_size, t.gradient_accumulation_steps,
                                       world_size(), reasons)
@@ -225,7 +243,7 @@ def plan(cfg, model_config=None) -> Plan:
             global_batch = micro * accum
             micro, k, est, why = choose_batch_and_checkpointing(
                 model_config, cfg.quant.bits, cfg.data.max_length, global_batch, budget,
-                lora_r=cfg.lora.r, fused_ce=kernels == "liger")
+                lora_r=cfg.lora.r, fused_ce=kernels == "liger", fused_lora=fused_lora)
             accum = global_batch // micro
             reasons.append(f"gradient_checkpointing={_gc_words(k, n_layers)}, micro-batch {micro} x "
                            f"{accum} accumulation (global batch {global_batch} x {cfg.data.max_length} tokens): "
@@ -234,7 +252,8 @@ def plan(cfg, model_config=None) -> Plan:
         k = n_layers if gc else 0
         if cuda and model_config is not None:
             est = estimate_peak_gib(model_config, cfg.quant.bits, micro * cfg.data.max_length, k,
-                                    cfg.lora.r, kernels == "liger", seq_len=cfg.data.max_length)
+                                    cfg.lora.r, kernels == "liger", seq_len=cfg.data.max_length,
+                                    fused_lora=fused_lora)
         reasons.append(f"gradient_checkpointing={'on' if gc else 'off'}: set in config; micro-batch {micro} "
                        f"x {accum} accumulation as configured")
     if gc is True and not n_layers:
@@ -246,10 +265,17 @@ def plan(cfg, model_config=None) -> Plan:
         optim = "adamw_torch"
 
     return Plan(device="cuda" if cuda else "cpu", device_name=name, compute_dtype=dtype, mixed_precision=mixed,
-                gradient_checkpointing=k is None or k > 0, kernels=kernels, optim=optim,
+                gradient_checkpointing=k is None or k > 0, kernels=kernels, fused_lora=fused_lora, optim=optim,
                 per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
                 memory_budget_gib=round(budget, 2) if budget else None, checkpoint_layers=k,
                 est_peak_gib=round(est, 2) if est is not None else None, reasons=reasons)
+
+
+def fsdp_active() -> bool:
+    """accelerate launch with an FSDP config: the model is sharded, not replicated."""
+    import os
+
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
 
 
 def world_size() -> int:

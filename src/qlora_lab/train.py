@@ -102,7 +102,7 @@ def load_data(cfg: Config, tokenizer, run: RunFolder):
 
 
 def load_model(cfg: Config, plan, run: RunFolder):
-    from . import kernels
+    from . import kernels, lora_fused
     from .model import add_lora
     from .model import load_model as load_base
 
@@ -120,7 +120,8 @@ def load_model(cfg: Config, plan, run: RunFolder):
     # All, none, or the first plan.checkpoint_layers decoder layers recompute their activations.
     gc = plan.checkpoint_layers if plan.gradient_checkpointing and plan.checkpoint_layers else plan.gradient_checkpointing
     model, lora = add_lora(model, cfg, gc)
-    summary.update(lora, kernels=fused, gradient_checkpointing=plan.gradient_checkpointing)
+    n_fused = lora_fused.enable(model) if plan.fused_lora else 0
+    summary.update(lora, kernels=fused, fused_lora_modules=n_fused, gradient_checkpointing=plan.gradient_checkpointing)
     run.write_json("model_summary.json", summary)
     log.info("model: %s %s, %d/%d linear layers 4-bit, %d LoRA modules, %.2f M trainable params, "
              "base weights %.2f GiB", summary["architecture"], summary["quantization"] or "16-bit",

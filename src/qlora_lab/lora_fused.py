@@ -1,0 +1,186 @@
+"""One autograd function per LoRA linear layer: dequantize, base matmul, dropout, A, B, in a handful of kernels.
+
+Stock peft + bitsandbytes run a LoRA layer of a 4-bit model as a chain of Python modules and autograd
+nodes: bnb's 4-bit matmul (its own autograd Function), a defensive copy of its output, the dropout
+module, lora_A, lora_B, a scaling multiply and an add, each op dispatched separately (with autocast
+casts of the fp32 adapter weights in between). A 7B model has 224 such layers, so a training step
+launches thousands of small kernels and the GPU waits on the host (assets/bench/README.md).
+
+`LoRALinearFunction` computes the same thing directly:
+
+    y = x W^T + b + s * (dropout(x) A^T) B^T            (W dequantized from NF4 on the fly)
+
+forward:  dequantize W, y = x W^T (+ b), (x_d, mask) = native_dropout(x), x_a = x_d A^T, y += s x_a B^T
+backward: dequantize W again, g_a = s g B, dx = g W + mask/(1-p) * (g_a A),
+          dA = g_a^T x_d (x_d recomputed from x and the mask), dB = s g^T x_a
+
+It saves x, the dropout mask (1 byte per element) and the small x_a (tokens x r). peft saves each
+layer's dropped-out input and its mask; q, k, v (and gate, up) share one input, which this saves once.
+Frozen base weights get no gradient; adapters get theirs in their own dtype (fp32 masters).
+
+`enable(model)` swaps the forward of every eligible peft LoRA layer (one active adapter, no DoRA,
+no LoRA bias, base layer nn.Linear or bitsandbytes Linear4bit). The swapped forward falls back to
+peft's own whenever it does not apply: eval, no grad (generation), merged or disabled adapters, or
+extra forward arguments. `disable(model)` restores peft's forward. Adapters, state dicts and saving
+are untouched: only the arithmetic's route changes. tests/test_lora_fused.py checks outputs and
+gradients against peft's path on the CPU, in 4-bit and 16-bit.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+
+_ATTR = "_qlora_lab_fused_lora"
+
+
+def _dequantize(weight, quant_state, dtype):
+    if quant_state is None:
+        return weight.to(dtype)
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(weight, quant_state).to(dtype)
+
+
+def _dropout_backward(t, mask, scale: float):
+    """t * mask * scale in one kernel (aten's own dropout backward)."""
+    return torch.ops.aten.native_dropout_backward(t, mask, scale)
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, quant_state, bias, lora_a, lora_b, scale: float, p: float, dtype):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(dtype)
+        w = _dequantize(weight, quant_state, dtype)
+        # The output is allocated in x's shape and written through a 2-D view: returning a view would
+        # forbid the in-place adds that models do on it (Falcon's mlp_output += attention_output).
+        y = torch.empty(*shape[:-1], w.shape[0], dtype=dtype, device=x.device)
+        y2 = y.view(-1, w.shape[0])
+        if bias is None:
+            torch.mm(x2, w.t(), out=y2)
+        else:
+            torch.addmm(bias.to(dtype), x2, w.t(), out=y2)
+        del w
+        if p > 0.0:
+            xd, mask = torch.native_dropout(x2, p, True)
+        else:
+            xd, mask = x2, None
+        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        xa = torch.mm(xd, a.t())
+        y2.addmm_(xa, b.t(), alpha=scale)
+        ctx.save_for_backward(x2, mask, xa, weight, lora_a, lora_b)
+        ctx.quant_state, ctx.scale, ctx.p, ctx.dtype = quant_state, scale, p, dtype
+        ctx.x_shape, ctx.x_dtype = shape, x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, mask, xa, weight, lora_a, lora_b = ctx.saved_tensors
+        dtype, scale, p = ctx.dtype, ctx.scale, ctx.p
+        g = grad.reshape(-1, grad.shape[-1]).to(dtype)
+        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        ga = torch.mm(g, b).mul_(scale)                           # d loss / d x_a
+        dx = None
+        if ctx.needs_input_grad[0]:
+            w = _dequantize(weight, ctx.quant_state, dtype)
+            dx = torch.mm(g, w)
+            del w
+            if mask is None:
+                dx.addmm_(ga, a)
+            else:
+                dx.add_(_dropout_backward(torch.mm(ga, a), mask, 1.0 / (1.0 - p)))
+            dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
+        da = db = None
+        if ctx.needs_input_grad[4]:
+            xd = x2 if mask is None else _dropout_backward(x2, mask, 1.0 / (1.0 - p))
+            da = torch.mm(ga.t(), xd)
+        if ctx.needs_input_grad[5]:
+            db = torch.mm(g.t(), xa).mul_(scale)
+        return dx, None, None, None, da, db, None, None, None
+
+
+def _quant_state(base):
+    """The 4-bit weight's quantization state, or None for a 16-bit nn.Linear base layer."""
+    qs = getattr(base.weight, "quant_state", None)
+    return qs if qs is not None else getattr(base, "quant_state", None) if _is_4bit(base) else None
+
+
+def _is_4bit(base) -> bool:
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return False
+    return isinstance(base, bnb.nn.Linear4bit)
+
+
+def _compute_dtype(base, x):
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    if _is_4bit(base) and base.compute_dtype is not None:
+        return base.compute_dtype
+    return base.weight.dtype if base.weight.is_floating_point() else x.dtype
+
+
+def _fused_forward(self, x, *args, **kwargs):
+    original = getattr(self, _ATTR)
+    if args or kwargs or not (self.training and torch.is_grad_enabled()) or self.disable_adapters \
+            or self.merged or len(self.active_adapters) != 1:
+        return original(x, *args, **kwargs)
+    name = self.active_adapters[0]
+    if name not in self.lora_A or name in getattr(self, "lora_variant", {}) or \
+            getattr(self, "lora_bias", {}).get(name, False):
+        return original(x, *args, **kwargs)
+    base = self.get_base_layer()
+    drop = self.lora_dropout[name]
+    p = float(drop.p) if isinstance(drop, torch.nn.Dropout) else 0.0
+    dtype = _compute_dtype(base, x)
+    out = LoRALinearFunction.apply(x, base.weight, _quant_state(base), base.bias, self.lora_A[name].weight,
+                                   self.lora_B[name].weight, float(self.scaling[name]), p, dtype)
+    if not torch.is_autocast_enabled(x.device.type):
+        out = out.to(x.dtype)  # as peft + bitsandbytes return it
+    return out
+
+
+def eligible(module) -> bool:
+    """A peft LoRA linear layer over nn.Linear or a 4-bit Linear4bit, plain LoRA (no DoRA, no bias)."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return False
+    if not isinstance(module, LoraLayer) or not hasattr(module, "lora_A"):
+        return False
+    base = module.get_base_layer()
+    if type(base) is not torch.nn.Linear and not _is_4bit(base):
+        return False
+    if any(getattr(module, "use_dora", {}).values()) or any(getattr(module, "lora_bias", {}).values()):
+        return False
+    dropouts = [d for d in module.lora_dropout.values()]
+    return all(isinstance(d, (torch.nn.Dropout, torch.nn.Identity)) for d in dropouts)
+
+
+def enable(model) -> int:
+    """Route every eligible LoRA layer through LoRALinearFunction; returns how many."""
+    n = 0
+    for m in model.modules():
+        if eligible(m):
+            if not hasattr(m, _ATTR):
+                setattr(m, _ATTR, m.forward)
+                m.forward = types.MethodType(_fused_forward, m)
+            n += 1
+    return n
+
+
+def disable(model) -> int:
+    """Give every layer back peft's own forward; returns how many were fused."""
+    n = 0
+    for m in model.modules():
+        if hasattr(m, _ATTR):
+            del m.forward  # the instance attribute: the class's forward shows through again
+            delattr(m, _ATTR)
+            n += 1
+    return n
+
+
+def count(model) -> int:
+    return sum(1 for m in model.modules() if hasattr(m, _ATTR))

@@ -1,0 +1,122 @@
+"""The fused LoRA layer computes what peft + bitsandbytes compute: outputs and every gradient."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qlora_lab import lora_fused
+from qlora_lab.config import load_config
+from qlora_lab.model import add_lora, load_model
+
+from .conftest import CONFIGS
+
+
+def _model(name, *sets, gradient_checkpointing=False):
+    cfg = load_config(CONFIGS / f"{name}.yaml", ["train.fused_lora=false", *sets])
+    model, _, _ = load_model(cfg, for_training=True)
+    model, _ = add_lora(model, cfg, gradient_checkpointing)
+    torch.manual_seed(0)
+    with torch.no_grad():  # B starts at zero; give it values so the LoRA branch shows in the output
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    return model
+
+
+def _loss_and_grads(model, x):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("name", ["tiny_llama_qlora", "tiny_falcon_qlora", "tiny_llama_lora"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_same_loss_and_gradients_as_peft_without_dropout(name, checkpointing):
+    model = _model(name, "lora.lora_dropout=0.0", gradient_checkpointing=checkpointing)
+    model.train()
+    x = torch.randint(4, 200, (2, 16))
+    ref_loss, ref = _loss_and_grads(model, x)
+    n = lora_fused.enable(model)
+    assert n == lora_fused.count(model) > 0
+    loss, got = _loss_and_grads(model, x)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert got.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert any(g.abs().sum() > 0 for k, g in got.items() if "lora_A" in k)
+    assert lora_fused.disable(model) == n and lora_fused.count(model) == 0
+    loss2, _ = _loss_and_grads(model, x)
+    torch.testing.assert_close(loss2, ref_loss)
+
+
+def test_layer_with_dropout_matches_the_same_mask_by_hand():
+    """p > 0: the mask drawn in forward is the one used for dA and dx (same seed, same mask)."""
+    torch.manual_seed(1)
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    w = torch.randn(6, 8)
+    a = torch.randn(4, 8, requires_grad=True)
+    b = torch.randn(6, 4, requires_grad=True)
+    p, s = 0.3, 0.5
+    torch.manual_seed(7)
+    y = lora_fused.LoRALinearFunction.apply(x, w, None, None, a, b, s, p, torch.float32)
+    g = torch.randn_like(y)
+    y.backward(g)
+    got = (y.detach(), x.grad.clone(), a.grad.clone(), b.grad.clone())
+    for t in (x, a, b):
+        t.grad = None
+    torch.manual_seed(7)
+    xd, _ = torch.native_dropout(x.reshape(-1, 8), p, True)
+    ref = (x @ w.t() + s * (xd.view_as(x) @ a.t()) @ b.t())
+    ref.backward(g)
+    torch.testing.assert_close(got[0], ref.detach())
+    for gg, t in zip(got[1:], (x, a, b)):
+        torch.testing.assert_close(gg, t.grad)
+    # Some elements were dropped, and the kept ones were scaled by 1/(1-p): not the p=0 result.
+    assert not torch.allclose(got[0], x.detach() @ w.t() + s * (x.detach() @ a.detach().t()) @ b.detach().t())
+
+
+def test_fp32_adapters_get_fp32_gradients_under_bf16_compute():
+    x = torch.randn(4, 8, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(6, 8, dtype=torch.bfloat16)
+    a = torch.randn(4, 8, requires_grad=True)
+    b = torch.randn(6, 4, requires_grad=True)
+    y = lora_fused.LoRALinearFunction.apply(x, w, None, None, a, b, 2.0, 0.0, torch.bfloat16)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert a.grad.dtype == b.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+
+
+def test_eval_and_generation_use_peft_forward():
+    """No grad (generation) or eval mode: the fused function is not called (bnb's inference kernels are)."""
+    model = _model("tiny_llama_qlora")
+    lora_fused.enable(model)
+    calls = []
+    orig = lora_fused.LoRALinearFunction.apply
+    lora_fused.LoRALinearFunction.apply = staticmethod(lambda *a: calls.append(1) or orig(*a))
+    try:
+        x = torch.randint(4, 200, (1, 8))
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=x)
+        assert not calls
+        model.train()
+        model(input_ids=x, labels=x).loss.backward()
+        assert calls
+    finally:
+        lora_fused.LoRALinearFunction.apply = orig
+
+
+def test_training_uses_it_by_default_and_config_turns_it_off(tmp_path):
+    from .conftest import run_cli
+    from qlora_lab.runs import RunFolder
+
+    sets = ["--set", "train.max_steps=2", "--set", "data.eval_size=0", "--set", "train.save_steps=100"]
+    on = run_cli("train", CONFIGS / "tiny_llama_qlora.yaml", "--output-dir", tmp_path / "on", *sets)
+    off = run_cli("train", CONFIGS / "tiny_llama_qlora.yaml", "--output-dir", tmp_path / "off", *sets,
+                  "--set", "train.fused_lora=false")
+    assert on.returncode == 0 and off.returncode == 0, (on.stderr[-2000:], off.stderr[-2000:])
+    s_on, s_off = RunFolder(tmp_path / "on").read_json("model_summary.json"), \
+        RunFolder(tmp_path / "off").read_json("model_summary.json")
+    assert s_on["fused_lora_modules"] == s_on["n_lora_modules"] > 0
+    assert s_off["fused_lora_modules"] == 0
