@@ -89,3 +89,17 @@ def test_adapter_is_saved_from_the_gathered_state_dict(tmp_path):
     base, _, _ = load_model(cfg)
     loaded = load_adapter(base, run.adapter_dir)
     assert any(torch.equal(p, full[key]) for n, p in loaded.named_parameters() if "lora_B" in n)
+
+
+def test_accelerate_configs_parse_and_agree_with_the_recipe():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    ddp = load_config_from_file(str(CONFIGS / "accelerate" / "ddp.yaml"))
+    assert ddp.distributed_type.value == "MULTI_GPU" and ddp.num_processes == 2
+    fsdp = load_config_from_file(str(CONFIGS / "accelerate" / "fsdp_qlora.yaml"))
+    f = fsdp.fsdp_config
+    assert fsdp.distributed_type.value == "FSDP" and fsdp.num_processes == 2
+    assert f["fsdp_use_orig_params"] is False  # frozen 4-bit and trainable LoRA in separate flat params
+    assert f["fsdp_activation_checkpointing"] is False  # model.add_lora recomputes, as the plan says
+    assert f["fsdp_cpu_ram_efficient_loading"] and f["fsdp_sync_module_states"]
+    assert f["fsdp_state_dict_type"] == "FULL_STATE_DICT"

@@ -26,10 +26,6 @@ def fsdp_active() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").strip().lower() in _TRUE
 
 
-def fsdp_version() -> int:
-    return int(os.environ.get("FSDP_VERSION", "1") or 1)
-
-
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
 
