@@ -70,6 +70,8 @@ def test_frozen():
     ("optimizer.lr=1", "unknown section 'optimizer'"),
     ("data.max_length=0", "data.max_length: must be an integer >= 8"),
     ("model.random_init=gpt5", "model.random_init: must be one of"),
+    ("quant.bnb_4bit_quant_storage=int4",
+     "quant.bnb_4bit_quant_storage: must be one of auto, uint8, bfloat16, float16, float32 (got 'int4')"),
 ])
 def test_bad_values_name_key_and_allowed(override, needle):
     with pytest.raises(ConfigError) as e:
@@ -115,3 +117,21 @@ def test_cli_config_prints_resolved():
     r = run_cli("config", CONFIGS / "tiny_llama_qlora.yaml", "--set", "train.max_steps=3")
     assert r.returncode == 0, r.stderr
     assert yaml.safe_load(r.stdout)["train"]["max_steps"] == 3
+
+
+def test_cli_bad_quant_storage_exit_2_names_file_and_line(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  random_init: tiny-llama\nquant:\n  bits: 4\n  bnb_4bit_quant_storage: int8\n")
+    r = run_cli("config", p)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"{p}:5: quant.bnb_4bit_quant_storage: must be one of auto, uint8" in r.stderr
+
+
+def test_uint8_storage_is_refused_under_fsdp(monkeypatch, tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  random_init: tiny-llama\nquant:\n  bnb_4bit_quant_storage: uint8\n")
+    load_config(p)  # one model per process: uint8 is bitsandbytes' default
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match=r":4: quant.bnb_4bit_quant_storage: uint8 cannot be sharded by FSDP"):
+        load_config(p)
+    assert load_config(p, ["quant.bnb_4bit_quant_storage=auto"]).quant.bnb_4bit_quant_storage == "auto"

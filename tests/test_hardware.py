@@ -45,3 +45,14 @@ def test_estimates_grow_with_tokens_and_shrink_with_recomputation():
     a = hardware.estimate_peak_gib(mc, 4, 4096, 0)
     assert hardware.estimate_peak_gib(mc, 4, 8192, 0) > a > hardware.estimate_peak_gib(mc, 4, 4096, 32)
     assert hardware.weights_gib(mc, 4) < 4 < hardware.weights_gib(mc, None)
+
+
+def test_fsdp_is_named_in_the_plan(monkeypatch):
+    cfg = load_config(CONFIGS / "tiny_llama_qlora.yaml", ["train.gradient_accumulation_steps=2"])
+    assert not any(r.startswith("fsdp") for r in hardware.plan(cfg, model_config("tiny-llama")).reasons)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    p = hardware.plan(cfg, model_config("tiny-llama"))
+    line = next(r for r in p.reasons if r.startswith("fsdp"))
+    assert "sharded over 2 GPUs" in line and "stored as float32" in line  # the CPU's compute dtype
+    assert (p.per_device_train_batch_size, p.gradient_accumulation_steps) == (4, 1)  # same global batch

@@ -91,3 +91,75 @@ def test_unknown_target_is_a_user_error():
 def test_trust_remote_code_is_off_by_default():
     for p in CONFIGS.glob("*.yaml"):
         assert load_config(p).model.trust_remote_code is False
+
+
+# ----------------------------------------------------------------------------- FSDP: 4-bit weights in a float dtype
+
+def _spy_from_pretrained(monkeypatch) -> dict:
+    """Record what load_model passes to from_pretrained (and still load for real)."""
+    from transformers import AutoModelForCausalLM
+
+    seen = {}
+    real = AutoModelForCausalLM.from_pretrained.__func__
+
+    def spy(cls, *a, **kw):
+        seen.update(kw)
+        return real(cls, *a, **kw)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(spy))
+    return seen
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_fsdp_loader_stores_4bit_in_the_compute_dtype_without_device_map(monkeypatch, dtype):
+    import bitsandbytes as bnb
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with an FSDP config sets
+    seen = _spy_from_pretrained(monkeypatch)
+    cfg = _cfg("tiny_llama_qlora", f"quant.bnb_4bit_compute_dtype={dtype}")
+    model, _, s = load_model(cfg, for_training=True)
+    want = getattr(torch, dtype)
+    assert seen["device_map"] is None  # FSDP places the shards
+    assert seen["quantization_config"].bnb_4bit_quant_storage == want == seen["dtype"]
+    assert s["n_linear_4bit"] == s["n_linear_expected_4bit"] == 14 and s["quant_storage"] == dtype
+    peft_model, _ = add_lora(model, cfg, gradient_checkpointing=True)
+    # One dtype for everything FSDP flattens together: no fp32 upcast (not even of fp16 norms).
+    frozen = {p.dtype for p in peft_model.parameters() if not p.requires_grad}
+    assert frozen == {want}
+    assert all(m.weight.quant_storage == want for m in peft_model.modules() if isinstance(m, bnb.nn.Linear4bit))
+
+
+def test_without_fsdp_storage_is_uint8_and_fp16_norms_are_upcast(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    seen = _spy_from_pretrained(monkeypatch)
+    cfg = _cfg("tiny_llama_qlora", "quant.bnb_4bit_compute_dtype=float16")
+    model, _, s = load_model(cfg, for_training=True)
+    assert seen["quantization_config"].bnb_4bit_quant_storage == torch.uint8 and s["quant_storage"] == "uint8"
+    assert seen["device_map"] == {"": torch.device("cpu")}
+    peft_model, _ = add_lora(model, cfg, gradient_checkpointing=False)
+    assert torch.float32 in {p.dtype for p in peft_model.parameters() if not p.requires_grad}
+
+
+def test_bf16_storage_gives_the_same_loss_as_uint8_and_trains():
+    x = torch.randint(4, 200, (2, 16))
+    losses, models = {}, {}
+    for storage in ("uint8", "bfloat16"):
+        cfg = _cfg("tiny_llama_qlora", f"quant.bnb_4bit_quant_storage={storage}")
+        model, _, s = load_model(cfg, for_training=True)
+        assert s["n_linear_4bit"] == s["n_linear_expected_4bit"] == 14 and s["quant_storage"] == storage
+        with torch.no_grad():
+            losses[storage] = model(input_ids=x, labels=x).loss.item()
+        models[storage] = (model, cfg)
+    assert abs(losses["uint8"] - losses["bfloat16"]) <= 1e-5, losses  # same bytes, another label
+
+    model, cfg = models["bfloat16"]
+    torch.manual_seed(0)
+    peft_model, _ = add_lora(model, cfg, gradient_checkpointing=True)
+    peft_model.train()
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    before = peft_model(input_ids=x, labels=x).loss
+    before.backward()
+    opt.step()
+    opt.zero_grad()
+    after = peft_model(input_ids=x, labels=x).loss
+    assert torch.isfinite(after) and after.item() < before.item()

@@ -18,8 +18,8 @@ from typing import Optional, Union
 
 import yaml
 
+from .distributed import STORAGE_CHOICES, fsdp_active
 from .errors import ConfigError
-
 from .presets import PRESETS
 
 
@@ -47,6 +47,9 @@ class QuantConfig:
     bnb_4bit_compute_dtype: str = _f(
         "auto", "dtype of the matmuls; auto = bf16 where the GPU has it, else fp16",
         choices=("auto", "bfloat16", "float16", "float32"))
+    bnb_4bit_quant_storage: str = _f(
+        "auto", "dtype the packed 4-bit weights are stored in; auto = uint8, or the compute dtype under FSDP "
+        "(which shards only float tensors of one dtype)", choices=STORAGE_CHOICES)
 
 
 @dataclass(frozen=True)
@@ -364,6 +367,10 @@ def _check_consistency(cfg: Config, loc) -> None:
         if problem:
             raise ConfigError(f"{loc('quant', 'bits')}: quant.bits: 4 needs bitsandbytes with a CUDA or CPU "
                               f"backend ({problem}); allowed here: null (16-bit LoRA)")
+        if cfg.quant.bnb_4bit_quant_storage == "uint8" and fsdp_active():
+            raise ConfigError(f"{loc('quant', 'bnb_4bit_quant_storage')}: quant.bnb_4bit_quant_storage: uint8 "
+                              f"cannot be sharded by FSDP (ACCELERATE_USE_FSDP is set); allowed here: auto or "
+                              f"the compute dtype")
 
 
 def bitsandbytes_problem() -> Optional[str]:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from .distributed import fsdp_active
+
 GiB = 1024**3
 
 # Fraction of the card the planner may fill when no budget is set (the rest: CUDA context, fragmentation).
@@ -222,6 +224,8 @@ def plan(cfg, model_config=None) -> Plan:
 
     fused_lora = t.fused_lora
     if fused_lora == "auto":
+        from .distributed import fsdp_active
+
         fused_lora = not fsdp_active()
         reasons.append("fused_lora=" + ("on: one autograd function per LoRA layer" if fused_lora else
                                         "off: FSDP shards the 4-bit weights (peft + bitsandbytes handle that)"))
@@ -231,6 +235,8 @@ def plan(cfg, model_config=None) -> Plan:
     # Per process: the config's global batch divided over the data-parallel processes.
     micro, accum = split_global_batch(t.per_device_train_batch_size, t.gradient_accumulation_steps,
                                       world_size(), reasons)
+    if fsdp_active():
+        reasons.append(fsdp_words(cfg, dtype, world_size()))
     n_layers = getattr(model_config, "num_hidden_layers", 0) if model_config is not None else 0
     gc = t.gradient_checkpointing
     est = None
@@ -271,11 +277,15 @@ def plan(cfg, model_config=None) -> Plan:
                 est_peak_gib=round(est, 2) if est is not None else None, reasons=reasons)
 
 
-def fsdp_active() -> bool:
-    """accelerate launch with an FSDP config: the model is sharded, not replicated."""
-    import os
+def fsdp_words(cfg, compute_dtype: str, world: int) -> str:
+    """The plan's line for a sharded run (what FSDP changes, and what it leaves as planned)."""
+    from .distributed import quant_storage
 
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+    storage = quant_storage(cfg.quant.bnb_4bit_quant_storage, compute_dtype)[0] if cfg.is_qlora else None
+    return (f"fsdp: sharded over {world} GPUs (weights, gradients, optimizer states); "
+            + (f"4-bit weights stored as {storage}, everything else {storage}, no fp32 upcast; " if storage else "")
+            + "recomputation as planned below (non-reentrant, inside each FSDP unit; FSDP's own activation "
+            "checkpointing stays off); the memory estimate counts unsharded weights (an upper bound)")
 
 
 def world_size() -> int:

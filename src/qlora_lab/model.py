@@ -59,6 +59,13 @@ def load_hf_config(cfg, path: str):
         raise UserError(f"model.name_or_path: {path}: cannot load its config: {first}") from None
 
 
+def quant_storage_dtype(cfg, dtype: torch.dtype) -> torch.dtype:
+    """What the packed 4-bit weights are stored in: uint8, or a float type FSDP can shard."""
+    from .distributed import quant_storage
+
+    return getattr(torch, quant_storage(cfg.quant.bnb_4bit_quant_storage, str(dtype).removeprefix("torch."))[0])
+
+
 def bnb_config(cfg, dtype: torch.dtype):
     if not cfg.is_qlora:
         return None
@@ -67,7 +74,8 @@ def bnb_config(cfg, dtype: torch.dtype):
     q = cfg.quant
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=q.bnb_4bit_quant_type,
-        bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant, bnb_4bit_compute_dtype=dtype)
+        bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant, bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=quant_storage_dtype(cfg, dtype))
 
 
 @contextlib.contextmanager
@@ -115,6 +123,7 @@ def load_model(cfg, for_training: bool = False, plan=None, device_map=None):
 
     from transformers import AutoModelForCausalLM
 
+    from .distributed import fsdp_active, set_local_device
     from .hardware import resolve_compute_dtype
 
     path = model_path(cfg)
@@ -125,12 +134,19 @@ def load_model(cfg, for_training: bool = False, plan=None, device_map=None):
         raise UserError("model.attn_implementation: flash_attention_2 needs the flash-attn package, which "
                         "is not installed; use sdpa")
     tok = load_tokenizer(cfg, path)
-    if device_map is None:
-        device_map = {"": _local_device()}
     quant = bnb_config(cfg, dtype)
     # Non-quantized parts (norms, embeddings) in the compute dtype; fp32 under fp16 compute, where
     # fp16 norms and a fp16 lm_head are what makes QLoRA diverge on a T4.
     load_dtype = torch.float32 if dtype == torch.float16 and for_training and cfg.is_qlora else dtype
+    if fsdp_active() and for_training:
+        # FSDP flattens a block's tensors into one of a single dtype: everything in the 4-bit storage
+        # dtype, no fp32 upcast. No device_map: every process loads onto its own GPU (the current
+        # device) and FSDP keeps only its shard.
+        load_dtype = quant.bnb_4bit_quant_storage if quant is not None else dtype
+        set_local_device()
+        device_map = None
+    elif device_map is None:
+        device_map = {"": _local_device()}
     ctx = _plain_linear_layers(hf_config.model_type) if quant is not None else contextlib.nullcontext()
     with ctx:
         model = AutoModelForCausalLM.from_pretrained(
@@ -183,12 +199,15 @@ def verify_quantization(model, cfg, dtype) -> dict:
                 f"QLoRA requested but {len(left)} linear layers are still 16-bit after loading "
                 f"({', '.join(left[:3])}...): refusing to train a 16-bit model labelled QLoRA")
     n4 = sum(_is_4bit(m) for m in linears.values())
+    # uint8, or a float dtype under FSDP: same packed bytes, so the count above holds either way.
+    storage = sorted({str(m.weight.dtype).removeprefix("torch.") for m in linears.values() if _is_4bit(m)})
     q = cfg.quant
     return {
         "architecture": type(model).__name__,
         "model_type": model.config.model_type,
         "quantization": q.bnb_4bit_quant_type if cfg.is_qlora else None,
         "double_quant": bool(cfg.is_qlora and q.bnb_4bit_use_double_quant),
+        "quant_storage": ",".join(storage) or None,
         "n_linear_4bit": n4,
         "n_linear_total": len(linears),
         "n_linear_expected_4bit": (len(linears) - len(skip & set(linears))) if cfg.is_qlora else 0,
@@ -201,14 +220,15 @@ def quantize_in_place(model, names, cfg, dtype) -> None:
     import bitsandbytes as bnb
 
     q = cfg.quant
+    storage = quant_storage_dtype(cfg, dtype)
     for name in names:
         old = model.get_submodule(name)
         new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None,
                                 compute_dtype=dtype, compress_statistics=q.bnb_4bit_use_double_quant,
-                                quant_type=q.bnb_4bit_quant_type, device="meta")
+                                quant_type=q.bnb_4bit_quant_type, quant_storage=storage, device="meta")
         device = old.weight.device
         new.weight = bnb.nn.Params4bit(old.weight.data.to("cpu"), requires_grad=False,
-                                       quant_type=q.bnb_4bit_quant_type,
+                                       quant_type=q.bnb_4bit_quant_type, quant_storage=storage,
                                        compress_statistics=q.bnb_4bit_use_double_quant).to(device)
         if old.bias is not None:
             new.bias = nn.Parameter(old.bias.data.to(dtype), requires_grad=False)
@@ -233,7 +253,9 @@ def add_lora(model, cfg, gradient_checkpointing: bool | int):
 
     gc_kwargs = {"use_reentrant": False}
     if cfg.is_qlora:
-        _prepare_kbit(model)
+        from .distributed import fsdp_active
+
+        _prepare_kbit(model, upcast_fp16=not fsdp_active())
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
         if gradient_checkpointing is not True:
@@ -266,16 +288,17 @@ def add_lora(model, cfg, gradient_checkpointing: bool | int):
                         "trainable_params": int(trainable), "total_params": int(total)}
 
 
-def _prepare_kbit(model) -> None:
+def _prepare_kbit(model, upcast_fp16: bool = True) -> None:
     """peft's prepare_model_for_kbit_training, minus its blanket fp32 upcast of every 16-bit param.
 
     fp16 norms, embeddings and head are upcast to fp32 (fp16 overflows; a T4's QLoRA diverges without
-    it). bf16 ones stay bf16: bf16 has fp32's range, so the upcast costs memory and time and buys no
-    stability (norms compute in fp32 internally either way).
+    it), except under FSDP (upcast_fp16=False), which shards only tensors of one dtype. bf16 ones stay
+    bf16: bf16 has fp32's range, so the upcast costs memory and time and buys no stability (norms
+    compute in fp32 internally either way).
     """
     for p in model.parameters():
         p.requires_grad = False
-        if p.dtype == torch.float16 and p.__class__.__name__ != "Params4bit":
+        if upcast_fp16 and p.dtype == torch.float16 and p.__class__.__name__ != "Params4bit":
             p.data = p.data.to(torch.float32)
 
 

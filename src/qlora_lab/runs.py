@@ -140,13 +140,18 @@ class RunFolder:
         c = self.checkpoints()
         return c[-1] if c else None
 
-    def save_adapter(self, model) -> None:
-        """Write the adapter to a temp folder, then swap it in: a failed save keeps the old one."""
+    def save_adapter(self, model, state_dict: dict | None = None) -> None:
+        """Write the adapter to a temp folder, then swap it in: a failed save keeps the old one.
+
+        state_dict: the model's full state dict when the model itself holds only shards (FSDP);
+        peft keeps its adapter's entries.
+        """
         if not self.writer:
             return
         tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=self.path))
         try:
-            model.save_pretrained(str(tmp), safe_serialization=True)
+            extra = {} if state_dict is None else {"state_dict": state_dict}
+            model.save_pretrained(str(tmp), safe_serialization=True, **extra)
             old = self.path / ".adapter.old"
             if self.adapter_dir.exists():
                 os.replace(self.adapter_dir, old)

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from .config import Config, to_yaml
+from .distributed import full_state_dict
 from .errors import ConfigError, UserError
 from .runs import STATE_FILE, RunFolder, atomic_write_json, env_info
 
@@ -222,7 +223,9 @@ def save(trainer, cfg: Config, run: RunFolder) -> None:
             final_eval = last[-1]["eval_loss"]
         else:
             final_eval = trainer.evaluate()["eval_loss"]
-    run.save_adapter(trainer.model)
+    # Under FSDP the adapter is in shards: gathered here (every process), written by rank 0.
+    state_dict = full_state_dict(trainer)
+    run.save_adapter(trainer.accelerator.unwrap_model(trainer.model), state_dict=state_dict)
     rows = [r for r in run.metrics() if r.get("loss") is not None]
     cuda = torch.cuda.is_available()
     secs = trainer.train_seconds
@@ -297,7 +300,15 @@ class _Trainer(_HFTrainer):
         return bool(ok)
 
     def adapters_finite(self) -> bool:
-        return all(bool(p.detach().isfinite().all()) for p in self.model.parameters() if p.requires_grad)
+        """All trainable weights finite, agreed by all processes (a collective: under FSDP each holds a shard)."""
+        import torch
+
+        ok = all(bool(p.detach().isfinite().all()) for p in self.model.parameters() if p.requires_grad)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            t = torch.tensor(int(ok), dtype=torch.int32, device=self.args.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+            ok = bool(t)
+        return ok
 
     @property
     def tokens_trained_this_session(self) -> int:

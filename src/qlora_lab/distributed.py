@@ -1,0 +1,63 @@
+"""What a multi-GPU launch means for this process: data-parallel, or sharded (FSDP).
+
+`torchrun` and `accelerate launch` start one process per GPU and say so in the environment (RANK,
+LOCAL_RANK, WORLD_SIZE). An accelerate config with `distributed_type: FSDP` (configs/accelerate/
+fsdp_qlora.yaml) also sets ACCELERATE_USE_FSDP=true: then the Trainer shards the model over the
+processes (FSDP-QLoRA), and the loader must store the 4-bit weights in a float dtype FSDP can
+flatten together with the 16-bit ones. `fsdp_active()` is the one test for it, used everywhere.
+"""
+from __future__ import annotations
+
+import os
+
+# accelerate's str_to_bool: what it accepts as "on" for its ACCELERATE_* flags.
+_TRUE = ("1", "true", "t", "yes", "y", "on")
+
+# bnb_4bit_quant_storage names -> torch dtype names.
+STORAGE_CHOICES = ("auto", "uint8", "bfloat16", "float16", "float32")
+
+
+def fsdp_active() -> bool:
+    """Launched by `accelerate launch` with an FSDP config (sharded, not one model per GPU).
+
+    Anything that reads or patches a layer's weights outside the forward (a fused LoRA kernel,
+    a weight-reading fused loss) must check this: under FSDP the weights are flat shards.
+    """
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").strip().lower() in _TRUE
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def quant_storage(requested: str, compute_dtype: str) -> tuple[str, str]:
+    """(dtype name, why) the packed 4-bit weights are stored in.
+
+    uint8 is bitsandbytes' default. FSDP flattens and shards only float tensors, and only together
+    with tensors of the same dtype: under FSDP the storage is the compute dtype, the dtype of every
+    other parameter (the bytes are the same; only their label changes).
+    """
+    if requested != "auto":
+        return requested, "set in config"
+    if fsdp_active():
+        return compute_dtype, "FSDP shards float tensors of one dtype: the compute dtype"
+    return "uint8", "bitsandbytes' default (one model per process)"
+
+
+def set_local_device() -> None:
+    """Make this process's GPU the current one (the 4-bit loader places weights on it)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+
+
+def full_state_dict(trainer) -> dict | None:
+    """The gathered, unsharded state dict (on rank 0; empty elsewhere) under FSDP, else None.
+
+    A collective: every process must call it at the same point. accelerate gathers FULL_STATE_DICT,
+    offloaded to the CPU, whatever state dict type the checkpoints use.
+    """
+    if not getattr(trainer, "is_fsdp_enabled", False):
+        return None
+    return trainer.accelerator.get_state_dict(trainer.model_wrapped)
