@@ -49,7 +49,7 @@ class Shape:
 # ----------------------------------------------------------------------------- parent
 
 def run(presets, shapes, steps: int = 20, baseline: bool = False, memory_budget=None, overrides=(),
-        variants=(), output=None, warmup=None, timeout=None, command: str | None = None) -> dict:
+        variants=(), multi_gpu=(), output=None, warmup=None, timeout=None, command: str | None = None) -> dict:
     """Run every worker, print the table, write JSON (and a Markdown twin) to `output`. Returns the report."""
     from .fileio import atomic_write
     from .runs import atomic_write_json, env_info
@@ -67,13 +67,21 @@ def run(presets, shapes, steps: int = 20, baseline: bool = False, memory_budget=
             runs.append((label, sets))
         else:
             paths.append((label, "ours", [(label, sets)]))
+    # Several GPUs: (kind, processes, variant name or None): that variant's overrides, launched by
+    # torchrun (data-parallel) or accelerate with configs/accelerate/fsdp_qlora.yaml (sharded).
+    by_name = {f"ours[{n}]": sets for n, sets in [(n, list(overrides) + list(v)) for n, v in variants]}
+    multi = []
+    for kind, nproc, name in multi_gpu:
+        ref = f"ours[{name}]" if name else "ours"
+        label = f"{ref[:-1]},{kind}{nproc}]" if name else f"ours[{kind}{nproc}]"
+        multi.append((label, "ours", [(label, by_name.get(ref, list(overrides)))], {"kind": kind, "nproc": nproc, "ref": ref}))
     if baseline:
         paths.append(("baseline", "baseline", [("baseline", [])]))
     with tempfile.TemporaryDirectory(prefix="qlora-bench-") as work:
         for preset in presets:
             init_lora = Path(work) / f"{preset}-lora-init.safetensors"
-            for label, path, path_runs in paths:
-                spec = {"path": path, "label": label, "preset": preset, "shapes": [[s.seq_len, s.batch_size] for s in shapes],
+            for label, path, path_runs, *launch in [p + (None,) for p in paths] + multi:
+                spec = {"launch": launch[0], "path": path, "label": label, "preset": preset, "shapes": [[s.seq_len, s.batch_size] for s in shapes],
                         "steps": steps, "warmup": warmup, "memory_budget": memory_budget, "runs": path_runs,
                         "workdir": str(Path(work) / f"{preset}-{label}"), "init_lora": str(init_lora)}
                 print(f"qlora-lab bench: {preset} {', '.join(lb for lb, _ in path_runs)} {' '.join(map(str, shapes))} ...",
@@ -82,11 +90,13 @@ def run(presets, shapes, steps: int = 20, baseline: bool = False, memory_budget=
                 report["workers"].append(info)
                 report["rows"].extend(rows)
                 report["comparisons"] = compare(report["rows"])
+                report["scaling"] = compare_scaling(report["rows"])
                 atomic_write_json(output, report)  # after every worker: a later crash keeps these
     report["matmul_tflops"] = max((w.get("matmul_tflops") or 0 for w in report["workers"]), default=0) or None
     for r in report["rows"]:
         r["mfu"] = mfu(r, report["matmul_tflops"])
     report["comparisons"] = compare(report["rows"])
+    report["scaling"] = compare_scaling(report["rows"])
     table = markdown(report)
     report["table"] = table
     atomic_write_json(output, report)
@@ -111,9 +121,10 @@ def _run_worker(spec: dict, timeout) -> tuple[list, dict]:
     out = Path(spec["workdir"]) / "events.jsonl"
     spec = {**spec, "out": str(out)}
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
+    env.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off
     t0 = time.perf_counter()
     try:
-        p = subprocess.run([sys.executable, "-m", "qlora_lab.bench", json.dumps(spec)], env=env,
+        p = subprocess.run(launch_command(spec.get("launch")) + ["-m", "qlora_lab.bench", json.dumps(spec)], env=env,
                            stdout=sys.stderr, stderr=subprocess.PIPE, text=True, timeout=timeout)
         rc, tail = p.returncode, (p.stderr or "")[-3000:]
         sys.stderr.write(tail)
@@ -139,6 +150,28 @@ def _run_worker(spec: dict, timeout) -> tuple[list, dict]:
                 rows.append({"preset": spec["preset"], "path": label, "seq_len": L, "batch_size": B,
                              "status": f"failed: {why}"})
     return rows, info
+
+
+def launch_command(launch) -> list[str]:
+    """How a worker starts: one process, torchrun (data-parallel) or accelerate + FSDP (sharded)."""
+    if not launch:
+        return [sys.executable]
+    n = str(launch["nproc"])
+    if launch["kind"] == "dp":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
+    config = accelerate_config("fsdp_qlora.yaml")
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", n]
+
+
+def accelerate_config(name: str) -> Path:
+    """configs/accelerate/NAME from the repo (src layout: three levels above this file), else from cwd."""
+    for root in (Path(__file__).resolve().parents[2], Path.cwd()):
+        p = root / "configs" / "accelerate" / name
+        if p.is_file():
+            return p
+    from .errors import UserError
+
+    raise UserError(f"configs/accelerate/{name} not found (run from the qlora-lab repo)")
 
 
 def _last_error(tail: str) -> str:
@@ -179,6 +212,33 @@ def compare(rows: list) -> list:
     return out
 
 
+def compare_scaling(rows: list) -> list:
+    """Each several-GPU row against its one-GPU reference (same overrides): the same batch per GPU
+    for speed and memory, the same global batch for the losses."""
+    out = []
+    one = {(r["preset"], r["path"], r["seq_len"], r["batch_size"]): r for r in rows
+           if r.get("status") == "ok" and r.get("world_size", 1) == 1}
+    for r in rows:
+        n = r.get("world_size", 1)
+        if n == 1 or r.get("status") != "ok" or r["batch_size"] % n:
+            continue
+        c = {"preset": r["preset"], "path": r["path"], "seq_len": r["seq_len"], "batch_size": r["batch_size"],
+             "world_size": n, "reference": r["reference"]}
+        per_gpu = one.get((r["preset"], r["reference"], r["seq_len"], r["batch_size"] // n))
+        if per_gpu:
+            c.update(per_gpu_batch=r["batch_size"] // n, speedup=r["tokens_per_s"] / per_gpu["tokens_per_s"])
+            if r.get("peak_allocated_bytes") and per_gpu.get("peak_allocated_bytes"):
+                c["peak_allocated_ratio"] = r["peak_allocated_bytes"] / per_gpu["peak_allocated_bytes"]
+        same = one.get((r["preset"], r["reference"], r["seq_len"], r["batch_size"]))
+        la, lb = r.get("losses") or [], (same or {}).get("losses") or []
+        k = min(len(la), len(lb), LOSS_STEPS)
+        if k:
+            d = max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(la[:k], lb[:k]))
+            c.update(loss_steps=k, loss_max_rel_diff=d, loss_ok=d <= LOSS_TOLERANCE)
+        out.append(c)
+    return out
+
+
 def _gib(x) -> str:
     return "-" if not x else f"{x / 2**30:.1f}"
 
@@ -212,6 +272,17 @@ def markdown(report: dict) -> str:
                      f"| {r['median_step_s']:.3f} | {r['tokens_per_s']:.0f} | {'n/a' if m is None else f'{m:.1%}'} "
                      f"| {_gib(r.get('peak_allocated_bytes'))} | {_gib(r.get('peak_reserved_bytes'))} | {w} "
                      f"| {speed} | {loss} |")
+    for c in report.get("scaling") or []:
+        line = f"\n{c['preset']} {c['path']} ({c['world_size']} GPUs, {c['batch_size']}x{c['seq_len']} in all) vs {c['reference']} on 1 GPU:"
+        if "speedup" in c:
+            line += f" {c['speedup']:.2f}x its tokens/s at {c['per_gpu_batch']}x{c['seq_len']} per GPU"
+            if "peak_allocated_ratio" in c:
+                line += f", peak allocated per GPU {c['peak_allocated_ratio']:.2f}x its"
+            line += ";"
+        if "loss_ok" in c:
+            line += (f" losses over {c['loss_steps']} steps vs the same global batch on 1 GPU: max rel. diff "
+                     f"{c['loss_max_rel_diff']:.2%} {'ok' if c['loss_ok'] else 'FAIL'}")
+        lines.append(line)
     return head + "\n" + "\n".join(lines)
 
 
@@ -321,6 +392,8 @@ def _sync_init_lora(model, path: str) -> str:
 
     state = _lora_state(model)
     p = Path(path)
+    if not p.is_file() and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        return "own (several processes start from their own, identically seeded, init)"
     if p.is_file():
         saved = load_file(str(p))
         if set(saved) != set(state):
@@ -349,8 +422,12 @@ def _peaks() -> dict:
 
     if not torch.cuda.is_available():
         return {"peak_allocated_bytes": None, "peak_reserved_bytes": None}
-    return {"peak_allocated_bytes": torch.cuda.max_memory_allocated(),
-            "peak_reserved_bytes": torch.cuda.max_memory_reserved()}
+    peaks = [torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # the largest GPU's
+        t = torch.tensor(peaks, dtype=torch.float64, device="cuda")
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        peaks = [int(x) for x in t.tolist()]
+    return {"peak_allocated_bytes": peaks[0], "peak_reserved_bytes": peaks[1]}
 
 
 def _flops_per_token(hf_config, seq_len: int, lora_r: int) -> float:
@@ -370,6 +447,7 @@ def _row(spec, shape: Shape, timer, steps: int, warmup: int, hf_config, extra: d
             "median_step_s": med, "step_times_s": [round(t, 4) for t in timer.times],
             "tokens_per_s": trained / med, "trained_tokens_per_step": trained,
             "flops_per_token": _flops_per_token(hf_config, shape.seq_len, 64),
+            "world_size": int(os.environ.get("WORLD_SIZE", 1)),
             "losses": timer.losses[:max(steps, LOSS_STEPS)], **_peaks(), **extra}
 
 
@@ -384,7 +462,13 @@ def worker(spec: dict) -> int:
     emit("start", pid=os.getpid(), matmul_tflops=matmul_tflops())
     shapes = [Shape(L, B) for L, B in spec["shapes"]]
     fn = _worker_ours if spec["path"] == "ours" else _worker_baseline
+    if int(os.environ.get("RANK", 0)) != 0:  # several processes: rank 0 reports
+        emit = _no_emit
     return fn(spec, shapes, emit)
+
+
+def _no_emit(event: str, **kw):
+    pass
 
 
 def _worker_ours(spec, shapes, emit) -> int:
@@ -433,6 +517,7 @@ def _train_ours(spec, label, overrides, shape, model, summary, emit):
         emit("row", row=_row({**spec, "label": label}, shape, timer, spec["steps"], spec["warmup"], hf_config, {
             "plan": plan.to_dict(), "plan_words": words, "kernels": summary.get("kernels"),
             "fused_lora_modules": lora_fused.count(model),
+            "launch": (spec.get("launch") or {}).get("kind"), "reference": (spec.get("launch") or {}).get("ref"),
             "weights_bytes": summary.get("weights_bytes"), "n_linear_16bit":
                 summary.get("n_linear_expected_4bit", 0) - summary.get("n_linear_4bit", 0) if summary.get("quantization") else None,
             "n_linear": summary.get("n_linear_total"), "n_lora_modules": summary.get("n_lora_modules")}))

@@ -23,6 +23,10 @@ def add_parser(sub) -> None:
                    help="override our path's config, e.g. --set train.gradient_checkpointing=true")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
                    help="an extra row of our path with overrides, e.g. gc-on:train.gradient_checkpointing=true")
+    p.add_argument("--multi-gpu", action="append", default=[], metavar="dp|fsdp:N[:VARIANT]",
+                   help="also train on N GPUs: dp = data-parallel (torchrun), fsdp = sharded (accelerate + "
+                        "configs/accelerate/fsdp_qlora.yaml), with a --variant's overrides; compared with that "
+                        "path on one GPU (same batch per GPU: speed, memory; same global batch: losses)")
     p.add_argument("--output", default=None, help="JSON path (a .md twin is written beside it; "
                                                   "default: assets/bench/bench-<presets>-<time>.json)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per worker process")
@@ -50,16 +54,23 @@ def cmd_bench(args) -> int:
         if not sep or not name or not sets:
             raise UserError(f"--variant {v!r}: expected NAME:section.key=value[,section.key=value]")
         variants.append((name, [s for s in sets.split(",") if s]))
+    multi = []
+    for m in args.multi_gpu:
+        kind, _, rest = m.partition(":")
+        n, _, name = rest.partition(":")
+        if kind not in ("dp", "fsdp") or not n.isdigit() or int(n) < 2 or (name and name not in dict(variants)):
+            raise UserError(f"--multi-gpu {m!r}: expected dp:N or fsdp:N (N >= 2), optionally :VARIANT naming a --variant")
+        multi.append((kind, int(n), name or None))
     shapes = [bench.Shape(L, B) for L, B in zip(args.seq_len, args.batch_size)]
     # Validate overrides now, not in a worker minutes later.
     for _, sets in [("", args.overrides)] + variants:
         bench._bench_config(args.preset[0], shapes[0], args.steps, args.memory_budget, list(args.overrides) + list(sets))
     report = bench.run(args.preset, shapes, steps=args.steps, baseline=args.baseline,
-                       memory_budget=args.memory_budget, overrides=args.overrides, variants=variants,
+                       memory_budget=args.memory_budget, overrides=args.overrides, variants=variants, multi_gpu=multi,
                        output=args.output, warmup=args.warmup, timeout=args.timeout,
                        command="qlora-lab " + " ".join(sys.argv[1:]))
     failed = [r for r in report["rows"] if r.get("status") != "ok"]
-    bad_loss = [c for c in report["comparisons"] if c.get("loss_ok") is False]
+    bad_loss = [c for c in report["comparisons"] + report.get("scaling", []) if c.get("loss_ok") is False]
     if bad_loss:
         print(f"qlora-lab bench: losses differ by more than {bench.LOSS_TOLERANCE:.0%} in {len(bad_loss)} comparison(s)",
               file=sys.stderr)

@@ -223,12 +223,12 @@ def plan(cfg, model_config=None) -> Plan:
         reasons.append("kernels=none: set in config")
 
     fused_lora = t.fused_lora
-    if fused_lora == "auto":
-        from .distributed import fsdp_active
-
-        fused_lora = not fsdp_active()
-        reasons.append("fused_lora=" + ("on: one autograd function per LoRA layer" if fused_lora else
-                                        "off: FSDP shards the 4-bit weights (peft + bitsandbytes handle that)"))
+    if fsdp_active():
+        fused_lora = False
+        reasons.append("fused_lora=off: FSDP shards the 4-bit weights (peft + bitsandbytes gather them)")
+    elif fused_lora == "auto":
+        fused_lora = True
+        reasons.append("fused_lora=on: one autograd function per LoRA layer (dequantize, matmul, adapter)")
     else:
         reasons.append(f"fused_lora={'on' if fused_lora else 'off'}: set in config")
 
