@@ -103,3 +103,50 @@ def test_accelerate_configs_parse_and_agree_with_the_recipe():
     assert f["fsdp_activation_checkpointing"] is False  # model.add_lora recomputes, as the plan says
     assert f["fsdp_cpu_ram_efficient_loading"] and f["fsdp_sync_module_states"]
     assert f["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+
+
+@pytest.mark.slow
+def test_bench_data_parallel_rows_compare_with_one_process(tmp_path):
+    """`bench --multi-gpu dp:2` (gloo here): rank 0 reports, global tokens, losses = one process's."""
+    import json
+
+    out = tmp_path / "b.json"
+    env = {"OMP_NUM_THREADS": "1"}
+    r = run_cli("bench", "--preset", "tiny-llama", "--seq-len", "32", "--batch-size", "2", "4", "--steps", "3",
+                "--multi-gpu", "dp:2", "--output", out, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    rows = {(x["path"], x["batch_size"]): x for x in rep["rows"]}
+    assert set(rows) == {("ours", 2), ("ours", 4), ("ours[dp2]", 2), ("ours[dp2]", 4)}
+    assert rows[("ours[dp2]", 4)]["world_size"] == 2 and rows[("ours", 4)]["world_size"] == 1
+    assert rows[("ours[dp2]", 4)]["plan"]["per_device_train_batch_size"] == 2  # global 4 over 2 processes
+    assert rows[("ours[dp2]", 4)]["trained_tokens_per_step"] == rows[("ours", 4)]["trained_tokens_per_step"]
+    scaling = {(c["path"], c["batch_size"]): c for c in rep["scaling"]}
+    assert scaling[("ours[dp2]", 4)]["per_gpu_batch"] == 2 and scaling[("ours[dp2]", 4)]["speedup"] > 0
+    assert all(c["loss_ok"] and c["loss_steps"] == 3 for c in scaling.values())
+    assert "2 GPUs, 4x32 in all" in rep["table"]
+
+
+def test_scaling_compares_per_gpu_batch_for_speed_and_global_batch_for_losses():
+    from qlora_lab.bench import LOSS_TOLERANCE, compare_scaling
+
+    def row(path, b, tps, peak, losses, world=1, ref=None):
+        return {"preset": "p", "path": path, "seq_len": 8, "batch_size": b, "status": "ok", "tokens_per_s": tps,
+                "peak_allocated_bytes": peak, "losses": losses, "world_size": world, "reference": ref}
+
+    rows = [row("ours", 2, 100.0, 10, [5.0, 4.0]), row("ours", 4, 150.0, 18, [5.0, 4.0]),
+            row("ours[fsdp2]", 4, 190.0, 6, [5.0, 4.0 * (1 + 2 * LOSS_TOLERANCE)], 2, "ours")]
+    (c,) = compare_scaling(rows)
+    assert c["per_gpu_batch"] == 2 and c["speedup"] == 1.9 and c["peak_allocated_ratio"] == 0.6
+    assert c["loss_steps"] == 2 and not c["loss_ok"]  # 2% off the one-GPU run with the same global batch
+
+
+def test_launchers():
+    from qlora_lab.bench import launch_command
+
+    assert launch_command(None) == [sys.executable]
+    dp = launch_command({"kind": "dp", "nproc": 2})
+    assert dp[1:3] == ["-m", "torch.distributed.run"] and "--nproc_per_node=2" in dp
+    fsdp = launch_command({"kind": "fsdp", "nproc": 2})
+    assert fsdp[1:3] == ["-m", "accelerate.commands.launch"] and fsdp[fsdp.index("--num_processes") + 1] == "2"
+    assert fsdp[fsdp.index("--config_file") + 1].endswith("configs/accelerate/fsdp_qlora.yaml")

@@ -40,6 +40,14 @@ def test_t4_budget_fits_by_recomputing(preset):
     assert est <= 15.0 and 0 < k <= mc.num_hidden_layers and 8 % micro == 0
 
 
+@pytest.mark.parametrize("preset,fused,measured", [("llama2-7b", True, 25.0), ("llama2-7b", False, 29.3),
+                                                  ("falcon-7b", True, 25.4), ("falcon-7b", False, 32.5)])
+def test_estimate_is_near_the_h100_peaks_of_bench_run_3(preset, fused, measured):
+    """8x512, no recomputation: assets/bench/h100-run3-main.json (fused LoRA on, and off = peft's path)."""
+    est = hardware.estimate_peak_gib(model_config(preset), 4, 4096, 0, fused_lora=fused)
+    assert measured * 0.95 <= est <= measured * 1.15, est
+
+
 def test_estimates_grow_with_tokens_and_shrink_with_recomputation():
     mc = model_config("llama2-7b")
     a = hardware.estimate_peak_gib(mc, 4, 4096, 0)
@@ -49,10 +57,12 @@ def test_estimates_grow_with_tokens_and_shrink_with_recomputation():
 
 def test_fsdp_is_named_in_the_plan(monkeypatch):
     cfg = load_config(CONFIGS / "tiny_llama_qlora.yaml", ["train.gradient_accumulation_steps=2"])
-    assert not any(r.startswith("fsdp") for r in hardware.plan(cfg, model_config("tiny-llama")).reasons)
+    p = hardware.plan(cfg, model_config("tiny-llama"))
+    assert not any(r.startswith("fsdp") for r in p.reasons) and p.fused_lora
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     p = hardware.plan(cfg, model_config("tiny-llama"))
     line = next(r for r in p.reasons if r.startswith("fsdp"))
     assert "sharded over 2 GPUs" in line and "stored as float32" in line  # the CPU's compute dtype
     assert (p.per_device_train_batch_size, p.gradient_accumulation_steps) == (4, 1)  # same global batch
+    assert not p.fused_lora and any(r.startswith("fused_lora=off: FSDP") for r in p.reasons)

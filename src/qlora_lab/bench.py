@@ -80,11 +80,17 @@ def run(presets, shapes, steps: int = 20, baseline: bool = False, memory_budget=
     with tempfile.TemporaryDirectory(prefix="qlora-bench-") as work:
         for preset in presets:
             init_lora = Path(work) / f"{preset}-lora-init.safetensors"
-            for label, path, path_runs, *launch in [p + (None,) for p in paths] + multi:
-                spec = {"launch": launch[0], "path": path, "label": label, "preset": preset, "shapes": [[s.seq_len, s.batch_size] for s in shapes],
+            # The Trainer wraps a model in FSDP once: a sharded path gets one process per shape.
+            jobs = [(lb, pa, ru, None, shapes) for lb, pa, ru in paths]
+            for lb, pa, ru, launch in multi:
+                jobs += [(lb, pa, ru, launch, [s]) for s in shapes] if launch["kind"] == "fsdp" else \
+                    [(lb, pa, ru, launch, shapes)]
+            for label, path, path_runs, launch, job_shapes in jobs:
+                spec = {"launch": launch, "path": path, "label": label, "preset": preset,
+                        "shapes": [[s.seq_len, s.batch_size] for s in job_shapes],
                         "steps": steps, "warmup": warmup, "memory_budget": memory_budget, "runs": path_runs,
-                        "workdir": str(Path(work) / f"{preset}-{label}"), "init_lora": str(init_lora)}
-                print(f"qlora-lab bench: {preset} {', '.join(lb for lb, _ in path_runs)} {' '.join(map(str, shapes))} ...",
+                        "workdir": str(Path(work) / f"{preset}-{label}-{job_shapes[0]}"), "init_lora": str(init_lora)}
+                print(f"qlora-lab bench: {preset} {', '.join(lb for lb, _ in path_runs)} {' '.join(map(str, job_shapes))} ...",
                       file=sys.stderr, flush=True)
                 rows, info = _run_worker(spec, timeout)
                 report["workers"].append(info)
@@ -122,6 +128,8 @@ def _run_worker(spec: dict, timeout) -> tuple[list, dict]:
     spec = {**spec, "out": str(out)}
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
     env.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off
+    if not spec.get("launch"):  # one process, one GPU (the standard recipe would batch over all visible)
+        env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
     t0 = time.perf_counter()
     try:
         p = subprocess.run(launch_command(spec.get("launch")) + ["-m", "qlora_lab.bench", json.dumps(spec)], env=env,
@@ -498,11 +506,12 @@ def _train_ours(spec, label, overrides, shape, model, summary, emit):
     try:
         if model is None:
             model = train.load_model(cfg, plan, run)
-            summary = run.read_json("model_summary.json")
+            summary = run.read_json("model_summary.json") or {}  # written by rank 0 only
             emit("model", summary=summary, lora_init=_sync_init_lora(model, spec["init_lora"]))
         else:  # the loaded model, this run's plan: recompute all, some or no layers; fused LoRA or not
             _apply_plan(model, plan)
-            _sync_init_lora(model, spec["init_lora"])
+            if (spec.get("launch") or {}).get("kind") != "fsdp":  # FSDP has wrapped (flattened) the LoRA weights
+                _sync_init_lora(model, spec["init_lora"])
         ds = Dataset.from_list(synthetic_examples(hf_config.vocab_size, shape, spec["steps"]))
         trainer = train.build_trainer(cfg, plan, model, tok, ds, None, run)
         trainer._get_train_sampler = lambda *a, **k: SequentialSampler(ds)  # same order as the baseline

@@ -88,14 +88,20 @@ def _shape(mc) -> dict:
         tied = getattr(mc, "tie_word_embeddings", True)
         # Fused LoRA saves each input once (+1-byte masks) where peft saves input+mask per layer:
         # qkv and h_to_4h share one input (parallel attention), dense's input is kept by SDPA anyway.
-        shared_saving = 4 * h
+        # That alone is 4h; fitted to the H100 peaks of run 3 (32.5 -> 25.4 GiB at 8x512): 13h.
+        shared_saving = 13 * h
+        # Parallel attention with one layernorm keeps fewer hidden-size vectors than Llama's sequential
+        # block: 9 instead of 13, fitted to the same runs (32.5 GiB with peft's LoRA path).
+        hidden_vectors = 9
     else:
         m = getattr(mc, "intermediate_size", None) or 4 * h
         kv = hd * (getattr(mc, "num_key_value_heads", None) or heads)
         linears = [(h, h), (h, kv), (h, kv), (h, h), (h, m), (h, m), (m, h)]
         tied = getattr(mc, "tie_word_embeddings", False)
         shared_saving = 10 * h  # q, k, v, gate, up share one input; o_proj's is kept by SDPA anyway
-    return dict(h=h, m=m, layers=n, vocab=mc.vocab_size, linears=linears, tied=tied, shared_saving=shared_saving)
+        hidden_vectors = 13
+    return dict(h=h, m=m, layers=n, vocab=mc.vocab_size, linears=linears, tied=tied, shared_saving=shared_saving,
+                hidden_vectors=hidden_vectors)
 
 
 def param_counts(mc, lora_r: int = 64) -> dict:
@@ -119,8 +125,8 @@ def activation_bytes_per_token(model_config, checkpointing: bool, seq_len: int =
     """Saved activations per token for a LoRA backward (16-bit activations, LoRA on every linear).
 
     Without recomputation a layer keeps each linear's input, each adapter's dropped-out input and
-    mask, the attention inputs and output, the MLP's intermediates: 13 hidden-size and 3.6 MLP-width
-    16-bit vectors, fitted to the H100 peak of Llama-2-7B at 8x512 (29.3 GiB; estimate 29.9). Falcon's
+    mask, the attention inputs and output, the MLP's intermediates: 13 hidden-size (Falcon's parallel
+    block: 9) and 3.6 MLP-width 16-bit vectors, fitted to the H100 peaks at 8x512 (bench runs 1 and 3). Falcon's
     attention without our fix stores its T x T scores (SDPA math kernel): 4 x heads x T bytes more.
     With recomputation only the layer's input (one hidden vector) stays. The fused LoRA layer
     (lora_fused.py) keeps a shared input once where peft keeps a dropped-out copy per layer.
@@ -129,7 +135,7 @@ def activation_bytes_per_token(model_config, checkpointing: bool, seq_len: int =
     if checkpointing:
         per_layer = 2 * s["h"]
     else:
-        per_layer = 2 * (13 * s["h"] + 3.6 * s["m"])
+        per_layer = 2 * (s["hidden_vectors"] * s["h"] + 3.6 * s["m"])
         if model_config.model_type == "falcon" and not fused_attention:
             per_layer += 4 * model_config.num_attention_heads * seq_len
         if fused_lora:

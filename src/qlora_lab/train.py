@@ -171,6 +171,13 @@ def build_trainer(cfg: Config, plan, model, tokenizer, train_ds, eval_ds, run: R
         disable_tqdm=False,
         ddp_find_unused_parameters=False,
     )
+    if args.n_gpu > 1:
+        # One process with several visible GPUs: the Trainer would batch n_gpu x the micro-batch (and
+        # average losses as for nn.DataParallel), so the config's batch would mean something else.
+        # The model sits on one GPU; several GPUs train through torchrun / accelerate (one process each).
+        log.warning("%d GPUs visible to one process: training on %s only; launch with torchrun or accelerate "
+                    "(configs/accelerate/) to use them all", args.n_gpu, args.device)
+        args._n_gpu = 1
     collator = Collator(tokenizer.pad_token_id, packing=cfg.data.packing)
     trainer = _Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds if has_eval else None,
                        data_collator=collator, processing_class=tokenizer)
