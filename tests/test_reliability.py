@@ -248,6 +248,31 @@ def test_oom_at_first_step_names_the_knobs(tmp_path, capsys, monkeypatch):
     assert RunFolder(out).status() == "failed: out of memory"
 
 
+def test_oom_in_the_final_evaluation_keeps_the_trained_adapter(tmp_path, capsys, monkeypatch):
+    import torch
+
+    import qlora_lab.train as T
+
+    orig = T._Trainer.compute_loss
+
+    def compute_loss(self, model, inputs, *a, **k):
+        if not model.training and self.state.global_step == 4:  # the evaluation after the last step
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+        return orig(self, model, inputs, *a, **k)
+
+    monkeypatch.setattr(T._Trainer, "compute_loss", compute_loss)
+    out = tmp_path / "run"
+    rc, err = _main(capsys, out, "--set", "train.max_steps=4", "--set", "train.eval_steps=3")
+    assert rc == 0, err[-3000:]
+    assert "Traceback" not in err and "out of GPU memory evaluating at step 4: evaluation skipped" in err
+    run = RunFolder(out)
+    assert (run.adapter_dir / "adapter_model.safetensors").is_file()
+    s = run.read_json("train_summary.json")
+    assert s["steps"] == 4 and s["final_eval_loss"] is None and "out of GPU memory" in s["final_eval_error"]
+    assert run.status() == "completed"
+    assert [r["step"] for r in run.metrics() if "eval_loss" in r] == [3]  # the step-3 evaluation ran
+
+
 # ----------------------------------------------------------------------------- 5. write failure
 
 def test_disk_full_while_checkpointing_keeps_previous_checkpoint(baseline, tmp_path, capsys, monkeypatch):

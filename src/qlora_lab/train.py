@@ -223,16 +223,19 @@ def train(trainer, cfg: Config, run: RunFolder, resume: bool) -> None:
 def save(trainer, cfg: Config, run: RunFolder) -> None:
     import torch
 
-    final_eval = None
+    # The adapter first: what training produced is on disk whatever the final evaluation does.
+    # Under FSDP the adapter is in shards: gathered here (every process), written by rank 0.
+    state_dict = full_state_dict(trainer)
+    run.save_adapter(trainer.accelerator.unwrap_model(trainer.model), state_dict=state_dict)
+    final_eval, eval_error = None, None
     if trainer.eval_dataset is not None:
         last = [r for r in run.metrics() if "eval_loss" in r]
         if last and last[-1]["step"] == trainer.state.global_step:
             final_eval = last[-1]["eval_loss"]
         else:
-            final_eval = trainer.evaluate()["eval_loss"]
-    # Under FSDP the adapter is in shards: gathered here (every process), written by rank 0.
-    state_dict = full_state_dict(trainer)
-    run.save_adapter(trainer.accelerator.unwrap_model(trainer.model), state_dict=state_dict)
+            final_eval = trainer.evaluate().get("eval_loss")  # {} when it ran out of memory
+            if final_eval is None:
+                eval_error = "out of GPU memory in the final evaluation (the adapter is saved)"
     rows = [r for r in run.metrics() if r.get("loss") is not None]
     cuda = torch.cuda.is_available()
     secs = trainer.train_seconds
@@ -247,6 +250,7 @@ def save(trainer, cfg: Config, run: RunFolder) -> None:
         "peak_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
         "final_train_loss": rows[-1]["loss"] if rows else None,
         "final_eval_loss": final_eval,
+        **({"final_eval_error": eval_error} if eval_error else {}),
         "device": env_info()["device"],
     }
     run.write_json("train_summary.json", summary)
@@ -287,6 +291,25 @@ class _Trainer(_HFTrainer):
         self._tokens_resumed = 0
         self._local_tokens = 0       # this process, this session
         self._step_finite = None     # all micro-batch losses of this optimizer step finite (tensor)
+
+    def evaluate(self, *a, **kw):
+        """An evaluation that runs out of GPU memory is skipped with one warning; training goes on.
+
+        One process only: with several, the others would wait for this one's losses forever.
+        """
+        import torch
+
+        try:
+            return super().evaluate(*a, **kw)
+        except torch.OutOfMemoryError:
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                raise
+            _close_progress_bars(self, ("prediction_bar",))  # the training bar goes on
+            torch.cuda.empty_cache()
+            log.warning("out of GPU memory evaluating at step %d: evaluation skipped, training goes on "
+                        "(evaluation batches are train.per_device_train_batch_size x data.max_length)",
+                        self.state.global_step)
+            return {}
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -512,12 +535,13 @@ def _record_failure(trainer, run: RunFolder, e: Exception) -> None:
     run.set_status(f"failed: {type(e).__name__}", step=trainer.state.global_step)
 
 
-def _close_progress_bars(trainer) -> None:
+def _close_progress_bars(trainer, names=("training_bar", "prediction_bar")) -> None:
     for cb in trainer.callback_handler.callbacks:
-        bar = getattr(cb, "training_bar", None)
-        if bar is not None:
-            bar.close()
-            cb.training_bar = None
+        for name in names:
+            bar = getattr(cb, name, None)
+            if bar is not None:
+                bar.close()
+                setattr(cb, name, None)
 
 
 def _reset_peak_memory() -> None:
