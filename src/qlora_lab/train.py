@@ -381,8 +381,6 @@ class _RunCallback(_HFCallback):
         if "train_runtime" in logs:
             return
         self.trainer.sync_tokens()
-        if not state.is_world_process_zero:
-            return
         row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "tokens": self.trainer.tokens_trained}
         if "eval_loss" in logs:
             row["eval_loss"] = logs["eval_loss"]
@@ -390,10 +388,13 @@ class _RunCallback(_HFCallback):
             for k in ("loss", "learning_rate", "grad_norm"):
                 if k in logs:
                     row[k] = float(logs[k])
+        # Logged losses are gathered over the processes, so every process sees the same value and
+        # stops together (a stop on rank 0 alone would leave the others waiting in a collective).
         loss = row.get("loss", row.get("eval_loss"))
         if loss is not None and not math.isfinite(loss):
             self._fail(state, control, f"non-finite loss ({loss})")
-        self.run.append_metric(row)
+        if state.is_world_process_zero:
+            self.run.append_metric(row)
 
     def _fail(self, state, control, what: str) -> None:
         if self.failure is None:
