@@ -61,15 +61,16 @@ def run(presets, shapes, steps: int = 20, baseline: bool = False, memory_budget=
               "workers": [], "rows": [], "comparisons": []}
     runs = [("ours", list(overrides))]  # (label, overrides) trained by the ours process, in this order
     paths = [("ours", "ours", runs)]
+    by_name = {}  # label -> our path's overrides plus the variant's
     for name, sets in variants:
-        label, sets = f"ours[{name}]", list(overrides) + list(sets)
-        if all(s.split("=", 1)[0].strip() in RUNTIME_KEYS for s in sets[len(overrides):]):
-            runs.append((label, sets))
+        label = f"ours[{name}]"
+        by_name[label] = list(overrides) + list(sets)
+        if all(s.split("=", 1)[0].strip() in RUNTIME_KEYS for s in sets):
+            runs.append((label, by_name[label]))
         else:
-            paths.append((label, "ours", [(label, sets)]))
+            paths.append((label, "ours", [(label, by_name[label])]))
     # Several GPUs: (kind, processes, variant name or None): that variant's overrides, launched by
     # torchrun (data-parallel) or accelerate with configs/accelerate/fsdp_qlora.yaml (sharded).
-    by_name = {f"ours[{n}]": sets for n, sets in [(n, list(overrides) + list(v)) for n, v in variants]}
     multi = []
     for kind, nproc, name in multi_gpu:
         ref = f"ours[{name}]" if name else "ours"
@@ -211,11 +212,7 @@ def compare(rows: list) -> list:
             c["speedup"] = r["tokens_per_s"] / b["tokens_per_s"]
         if r.get("peak_allocated_bytes") and b.get("peak_allocated_bytes"):
             c["peak_ratio"] = r["peak_allocated_bytes"] / b["peak_allocated_bytes"]
-        la, lb = r.get("losses") or [], b.get("losses") or []
-        n = min(len(la), len(lb), LOSS_STEPS)
-        if n:
-            diffs = [abs(x - y) / max(abs(y), 1e-12) for x, y in zip(la[:n], lb[:n])]
-            c.update(loss_steps=n, loss_max_rel_diff=max(diffs), loss_ok=max(diffs) <= LOSS_TOLERANCE)
+        c.update(_loss_agreement(r, b))
         out.append(c)
     return out
 
@@ -237,14 +234,19 @@ def compare_scaling(rows: list) -> list:
             c.update(per_gpu_batch=r["batch_size"] // n, speedup=r["tokens_per_s"] / per_gpu["tokens_per_s"])
             if r.get("peak_allocated_bytes") and per_gpu.get("peak_allocated_bytes"):
                 c["peak_allocated_ratio"] = r["peak_allocated_bytes"] / per_gpu["peak_allocated_bytes"]
-        same = one.get((r["preset"], r["reference"], r["seq_len"], r["batch_size"]))
-        la, lb = r.get("losses") or [], (same or {}).get("losses") or []
-        k = min(len(la), len(lb), LOSS_STEPS)
-        if k:
-            d = max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(la[:k], lb[:k]))
-            c.update(loss_steps=k, loss_max_rel_diff=d, loss_ok=d <= LOSS_TOLERANCE)
+        c.update(_loss_agreement(r, one.get((r["preset"], r["reference"], r["seq_len"], r["batch_size"])) or {}))
         out.append(c)
     return out
+
+
+def _loss_agreement(row: dict, ref: dict) -> dict:
+    """Largest relative difference of the two rows' losses over the first LOSS_STEPS steps ({} if none)."""
+    la, lb = row.get("losses") or [], ref.get("losses") or []
+    n = min(len(la), len(lb), LOSS_STEPS)
+    if not n:
+        return {}
+    d = max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(la[:n], lb[:n]))
+    return {"loss_steps": n, "loss_max_rel_diff": d, "loss_ok": d <= LOSS_TOLERANCE}
 
 
 def _gib(x) -> str:
@@ -543,17 +545,9 @@ def _train_ours(spec, label, overrides, shape, model, summary, emit):
 def _apply_plan(model, plan) -> None:
     """Switch the runtime choices of a loaded PeftModel to `plan`: recomputation and fused LoRA."""
     from . import lora_fused
-    from .model import _checkpoint_first_layers
+    from .model import set_recomputation
 
-    base = model.get_base_model()
-    k = plan.checkpoint_layers if plan.gradient_checkpointing and plan.checkpoint_layers else plan.gradient_checkpointing
-    if k:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if k is not True:
-            _checkpoint_first_layers(base, int(k))
-        base.enable_input_require_grads()
-    else:
-        base.gradient_checkpointing_disable()
+    set_recomputation(model.get_base_model(), plan.recompute)
     if plan.fused_lora:
         lora_fused.enable(model)
     else:

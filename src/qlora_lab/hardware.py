@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from .distributed import fsdp_active
+from .distributed import fsdp_active, quant_storage
 
 GiB = 1024**3
 
@@ -52,6 +52,12 @@ class Plan:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def recompute(self) -> bool | int:
+        """model.set_recomputation's argument: all layers (True), none (False) or the first k."""
+        return self.checkpoint_layers if self.gradient_checkpointing and self.checkpoint_layers else \
+            self.gradient_checkpointing
 
 
 def _cuda():
@@ -285,8 +291,6 @@ def plan(cfg, model_config=None) -> Plan:
 
 def fsdp_words(cfg, compute_dtype: str, world: int) -> str:
     """The plan's line for a sharded run (what FSDP changes, and what it leaves as planned)."""
-    from .distributed import quant_storage
-
     storage = quant_storage(cfg.quant.bnb_4bit_quant_storage, compute_dtype)[0] if cfg.is_qlora else None
     return (f"fsdp: sharded over {world} GPUs (weights, gradients, optimizer states); "
             + (f"4-bit weights stored as {storage}, everything else {storage}, no fp32 upcast; " if storage else "")

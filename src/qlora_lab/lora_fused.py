@@ -27,6 +27,7 @@ gradients against peft's path on the CPU, in 4-bit and 16-bit.
 """
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -102,16 +103,25 @@ class LoRALinearFunction(torch.autograd.Function):
 
 def _quant_state(base):
     """The 4-bit weight's quantization state, or None for a 16-bit nn.Linear base layer."""
+    if not _is_4bit(base):
+        return None
     qs = getattr(base.weight, "quant_state", None)
-    return qs if qs is not None else getattr(base, "quant_state", None) if _is_4bit(base) else None
+    return qs if qs is not None else base.quant_state
 
 
-def _is_4bit(base) -> bool:
+@functools.cache
+def _linear4bit():
+    """bitsandbytes' Linear4bit class, looked up once (None without bitsandbytes)."""
     try:
         import bitsandbytes as bnb
     except ImportError:
-        return False
-    return isinstance(base, bnb.nn.Linear4bit)
+        return None
+    return bnb.nn.Linear4bit
+
+
+def _is_4bit(base) -> bool:
+    cls = _linear4bit()
+    return cls is not None and isinstance(base, cls)
 
 
 def _compute_dtype(base, x):

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .distributed import fsdp_active
 from .errors import UserError
 
 log = logging.getLogger("qlora_lab.model")
@@ -123,7 +124,7 @@ def load_model(cfg, for_training: bool = False, plan=None, device_map=None):
 
     from transformers import AutoModelForCausalLM
 
-    from .distributed import fsdp_active, set_local_device
+    from .distributed import set_local_device
     from .hardware import resolve_compute_dtype
 
     path = model_path(cfg)
@@ -251,17 +252,9 @@ def add_lora(model, cfg, gradient_checkpointing: bool | int):
     """
     from peft import LoraConfig, get_peft_model
 
-    gc_kwargs = {"use_reentrant": False}
     if cfg.is_qlora:
-        from .distributed import fsdp_active
-
         _prepare_kbit(model, upcast_fp16=not fsdp_active())
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
-        if gradient_checkpointing is not True:
-            _checkpoint_first_layers(model, int(gradient_checkpointing))
-        # Frozen embeddings give the checkpointed blocks inputs without grad: make them require it.
-        model.enable_input_require_grads()
+    set_recomputation(model, gradient_checkpointing)
     model.config.use_cache = False
     targets = lora_targets(cfg, model)
     lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.lora_alpha, lora_dropout=cfg.lora.lora_dropout,
@@ -300,6 +293,18 @@ def _prepare_kbit(model, upcast_fp16: bool = True) -> None:
         p.requires_grad = False
         if upcast_fp16 and p.dtype == torch.float16 and p.__class__.__name__ != "Params4bit":
             p.data = p.data.to(torch.float32)
+
+
+def set_recomputation(model, gradient_checkpointing: bool | int) -> None:
+    """Recompute activations in all (True), none (False/0) or the first k decoder layers (an int)."""
+    if not gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+        return
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if gradient_checkpointing is not True:
+        _checkpoint_first_layers(model, int(gradient_checkpointing))
+    # Frozen embeddings give the checkpointed blocks inputs without grad: make them require it.
+    model.enable_input_require_grads()
 
 
 def _checkpoint_first_layers(model, k: int) -> None:

@@ -119,8 +119,7 @@ def load_model(cfg: Config, plan, run: RunFolder):
             "set below the card's memory") from None
     fused = kernels.apply(model) if plan.kernels == "liger" else []
     # All, none, or the first plan.checkpoint_layers decoder layers recompute their activations.
-    gc = plan.checkpoint_layers if plan.gradient_checkpointing and plan.checkpoint_layers else plan.gradient_checkpointing
-    model, lora = add_lora(model, cfg, gc)
+    model, lora = add_lora(model, cfg, plan.recompute)
     n_fused = lora_fused.enable(model) if plan.fused_lora else 0
     summary.update(lora, kernels=fused, fused_lora_modules=n_fused, gradient_checkpointing=plan.gradient_checkpointing)
     run.write_json("model_summary.json", summary)
