@@ -1,6 +1,7 @@
 """Shared fixtures: repo paths, tiny random-weight models cached per session, CLI runner."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -16,6 +17,14 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Every test process, this one and those it starts, runs bitsandbytes as on a CPU with AVX512-BF16
+# (tests/support/sitecustomize.py says why): the 4-bit CPU path is the same on every machine.
+SUPPORT = ROOT / "tests" / "support"
+os.environ["PYTHONPATH"] = os.pathsep.join([str(SUPPORT), *filter(None, [os.environ.get("PYTHONPATH")])])
+_spec = importlib.util.spec_from_file_location("_qlora_lab_test_support", SUPPORT / "sitecustomize.py")
+_support = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_support)  # installs the claim in this process
 
 
 class _CurrentStderr:

@@ -163,3 +163,43 @@ def test_bf16_storage_gives_the_same_loss_as_uint8_and_trains():
     opt.zero_grad()
     after = peft_model(input_ids=x, labels=x).loss
     assert torch.isfinite(after) and after.item() < before.item()
+
+
+# ----------------------------------------------------------------------------- the 4-bit CPU kernel
+# These run with bitsandbytes claiming AVX512-BF16 (tests/support/sitecustomize.py), on any CPU.
+
+def test_bitsandbytes_would_repack_an_unpinned_layer_on_its_first_eval_forward():
+    """Why pin_cpu_kernel exists: one no-grad eval forward changes what every later forward computes."""
+    import bitsandbytes as bnb
+
+    assert bnb.nn.modules.has_avx512bf16() is True  # the claim tests/support makes
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32)
+    layer.weight = bnb.nn.Params4bit(torch.randn(64, 64), requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True)._quantize("cpu")
+    x = torch.randn(4, 64)
+    train_out = layer.train()(x)
+    with torch.no_grad():
+        layer.eval()(x)
+    assert layer.weight.quant_state.packing_format_for_cpu  # repacked in place, and it stays
+    assert not torch.equal(layer.train()(x), train_out)
+
+
+@pytest.mark.parametrize("name", ["tiny_llama_qlora", "tiny_falcon_qlora"])
+def test_4bit_layers_compute_the_same_in_training_eval_generation_and_reload(name):
+    from qlora_lab.model import cpu_repacked_layers
+
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    model, tok, _ = load_model(cfg)
+    x = torch.randint(4, 200, (2, 12))
+    with torch.no_grad():
+        train_logits = model.train()(input_ids=x).logits
+        eval_logits = model.eval()(input_ids=x).logits
+        model.generate(input_ids=x[:1], max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
+        after = model.train()(input_ids=x).logits
+    assert cpu_repacked_layers(model) == []
+    torch.testing.assert_close(eval_logits, train_logits, rtol=0, atol=0)
+    torch.testing.assert_close(after, train_logits, rtol=0, atol=0)
+    again, _, _ = load_model(cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(input_ids=x).logits, train_logits, rtol=0, atol=0)

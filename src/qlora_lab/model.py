@@ -158,6 +158,7 @@ def load_model(cfg, for_training: bool = False, plan=None, device_map=None):
         model.resize_token_embeddings(len(tok), pad_to_multiple_of=64)
     model.config.pad_token_id = tok.pad_token_id
     summary = verify_quantization(model, cfg, dtype)
+    pin_cpu_kernel(model)
     summary["compute_dtype"] = dtype_name
     summary["source"] = cfg.model.random_init and f"random_init:{cfg.model.random_init}" or cfg.model.name_or_path
     return model, tok, summary
@@ -177,6 +178,31 @@ def _is_4bit(m) -> bool:
     except ImportError:
         return False
     return isinstance(m, bnb.nn.Linear4bit)
+
+
+def pin_cpu_kernel(model) -> int:
+    """One 4-bit CPU kernel for training, evaluation and reload, whatever the CPU; returns the layer count.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a Linear4bit's weight in place the first time
+    it runs without grad outside training mode (an evaluation, generation): a CPU-only layout with bf16
+    block scales and no double quantization, computed in bf16 by another kernel. The repack is lossy and
+    stays: every later forward, training ones included, runs on it, and dequantize_4bit (our fused layer)
+    reads the repacked bytes as if they were NF4. A run that evaluated and its resume, or a fresh load
+    and a model after generation, then compute different things. The layers here never repack: every
+    forward dequantizes the NF4 weight and multiplies in the compute dtype, on any CPU.
+    """
+    n = 0
+    for m in model.modules():
+        if _is_4bit(m):
+            m.support_avx512bf16_for_cpu = False  # the attribute bitsandbytes reads before repacking
+            n += 1
+    return n
+
+
+def cpu_repacked_layers(model) -> list[str]:
+    """4-bit layers whose weight is in bitsandbytes' CPU inference layout (none, once pinned)."""
+    return [n for n, m in model.named_modules()
+            if _is_4bit(m) and getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False)]
 
 
 def _output_layer_names(model) -> set[str]:
