@@ -20,6 +20,24 @@ def test_oasst1_with_lang_writes_the_english_best_paths(tmp_path):
     assert "language 1" in r.stdout and "tree_state not ready_for_export 1" in r.stdout
 
 
+def test_oasst1_keep_unanswered_prompt_on_an_export_without_dates(tmp_path):
+    src = FIXTURES / "oasst1_export_no_dates.trees.jsonl"
+    out, kept = tmp_path / "default.jsonl", tmp_path / "guanaco_form.jsonl"
+    r = run_cli("data", "oasst1", src, "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert "2 paths ended on a prompter message (that message dropped)" in r.stdout
+    r = run_cli("data", "oasst1", src, "-o", kept, "--keep-unanswered-prompt")
+    assert r.returncode == 0, r.stderr
+    assert "5 trees read, 3 conversations written" in r.stdout
+    assert "2 paths ended on a prompter message (that message kept)" in r.stdout
+    default = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
+    rows = [json.loads(x) for x in kept.read_text(encoding="utf-8").splitlines()]
+    assert [x["messages"][-1]["role"] for x in default] == ["assistant"] * 3
+    assert [x["messages"][-1]["role"] for x in rows] == ["assistant", "user", "user"]
+    assert rows[1]["text"].endswith("### Assistant: Masses pull on each other.### Human: Now explain it to a dog")
+    assert [x["messages"][:-1] for x in rows[1:]] == [x["messages"] for x in default[1:]]
+
+
 def test_lima_then_stats_with_histogram_png(tmp_path):
     out = tmp_path / "lima.jsonl"
     r = run_cli("data", "lima", FIXTURES / "lima_sample.jsonl", "-o", out)
@@ -50,6 +68,7 @@ BAD = [
     ("oasst1", "bad_oasst1_latin1.jsonl", ":2: not UTF-8 text"),
     ("oasst1", "bad_oasst1_cycle.jsonl", ":3: parent_id: parent cycle"),
     ("oasst1", "bad_oasst1_rank_type.trees.jsonl", ":2: prompt.replies[0].replies[1].rank: must be"),
+    ("oasst1", "bad_oasst1_missing_text.trees.jsonl", ":1: prompt.replies[0].text: missing"),
     ("lima", "bad_lima_turn_type.jsonl", ":2: conversations[1]: must be a string"),
     ("lima", "bad_empty.jsonl", ": empty file"),
 ]

@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from qlora_lab.config import load_config
-from qlora_lab.data import load_datasets, prepare_lima
+from qlora_lab.data import load_datasets, prepare_lima, prepare_oasst1
 from qlora_lab.errors import DataError
 from qlora_lab.presets import byte_tokenizer
 
@@ -75,6 +75,23 @@ def test_prompt_only_and_truncated_rows_are_dropped_and_counted(cfg, tok, tmp_pa
     assert all(any(t != -100 for t in lab) for lab in train["labels"])
     with pytest.raises(DataError, match=r"no training example left \(dropped 1 without an answer, 4 whose"):
         load_datasets(c.set("data.max_length=8"), tok)
+
+
+def test_conversations_ending_on_a_user_turn_train_on_the_answers_only(cfg, tok, tmp_path):
+    # the Guanaco form (`data oasst1 --keep-unanswered-prompt`): two of three rows end on a user turn
+    data = tmp_path / "guanaco_form.jsonl"
+    prepare_oasst1(FIXTURES / "oasst1_export_no_dates.trees.jsonl", data, keep_unanswered_prompt=True)
+    rows = [json.loads(x)["messages"] for x in data.read_text(encoding="utf-8").splitlines()]
+    assert [m[-1]["role"] for m in rows] == ["assistant", "user", "user"]
+    train, _, stats = load_datasets(cfg.set(f"data.train_file={data}", "data.eval_size=0",
+                                            "data.format=guanaco", "data.max_length=512"), tok)
+    assert (stats["n_train"], stats["dropped_no_assistant"], stats["dropped_truncated"]) == (3, 0, 0)
+    for messages, ids, labels in zip(rows, train["input_ids"], train["labels"]):
+        trained = tok.decode([t for t, lab in zip(ids, labels) if lab != -100])
+        answers = "".join(f" {m['content']}</s>" for m in messages if m["role"] == "assistant")
+        assert trained == answers
+    assert tok.decode(train["input_ids"][1]).endswith("### Human: Now explain it to a dog### Assistant:")
+    assert train["labels"][1][-1] == -100
 
 
 def test_eval_file_and_cwd_first_resolution(cfg, tok, tmp_path, monkeypatch):

@@ -71,6 +71,22 @@ def test_labels_cover_every_answer_and_its_eos_only(tok, fmt, answers):
     assert len(ex["input_ids"]) == len(ex["labels"])
 
 
+@pytest.mark.parametrize("fmt,answers", [("guanaco", " Yo.</s> A2</s>"), ("lima_eot", "Yo.</s>A2</s>"),
+                                         ("chat_template", "Yo.END</s>A2END</s>")])
+def test_a_final_unanswered_user_turn_is_context_only(fmt, answers):
+    # `data oasst1 --keep-unanswered-prompt` writes conversations that end on the user's turn
+    t = byte_tokenizer()
+    t.chat_template = _TEMPLATE
+    msgs = TWO_TURNS + [{"role": "user", "content": "Q3"}]
+    ex = tokenize_conversation(msgs, t, fmt, 512)
+    assert _trained_text(t, ex) == answers
+    without = tokenize_conversation(TWO_TURNS, t, fmt, 512)
+    n = len(without["input_ids"])
+    assert ex["input_ids"][:n] == without["input_ids"] and ex["labels"][:n] == without["labels"]
+    assert "Q3" in t.decode(ex["input_ids"][n:]) and set(ex["labels"][n:]) == {IGNORE}
+    assert tokenize_conversation(msgs, t, fmt, 512, train_on_inputs=True)["labels"][n:] == ex["input_ids"][n:]
+
+
 def test_offsets_label_merged_tokens_on_a_real_bpe():
     bpe = _bpe_tokenizer()
     msgs = [{"role": "user", "content": "What is the capital of France?"},

@@ -19,11 +19,11 @@ def load_datasets(cfg, tokenizer):
     return _load(cfg, tokenizer)
 
 
-def prepare_oasst1(source, output, langs=None, split: str = "train"):
+def prepare_oasst1(source, output, langs=None, split: str = "train", keep_unanswered_prompt: bool = False):
     """Notebook entry: write OASST1 best paths to `output`; returns the counts (see oasst1.py)."""
     from .oasst1 import prepare_oasst1 as _prepare
 
-    return _prepare(source, output, langs=langs, split=split)
+    return _prepare(source, output, langs=langs, split=split, keep_unanswered_prompt=keep_unanswered_prompt)
 
 
 def prepare_lima(source, output, split: str = "train"):

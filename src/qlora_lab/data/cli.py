@@ -1,6 +1,6 @@
 """`qlora-lab data ...` sub-commands: thin wrappers over oasst1.py, lima.py and stats.py.
 
-    qlora-lab data oasst1 INPUT -o OUT.jsonl [--lang en de ...] [--split train]
+    qlora-lab data oasst1 INPUT -o OUT.jsonl [--lang en de ...] [--split train] [--keep-unanswered-prompt]
     qlora-lab data lima INPUT -o OUT.jsonl [--split train]
     qlora-lab data stats FILE.jsonl --config CONFIG [--set data.max_length=1024] [--png FILE.png]
 """
@@ -13,7 +13,8 @@ def cmd_oasst1(args) -> int:
     from .oasst1 import prepare_oasst1
 
     langs = [x for item in (args.lang or []) for x in item.split(",") if x] or None
-    counts = prepare_oasst1(args.input, args.output, langs=langs, split=args.split)
+    counts = prepare_oasst1(args.input, args.output, langs=langs, split=args.split,
+                            keep_unanswered_prompt=args.keep_unanswered_prompt)
     print(counts.summary())
     print(f"wrote {args.output}")
     return 0
@@ -51,15 +52,20 @@ def add_parser(sub) -> None:
     q = dsub.add_parser(
         "oasst1", help="OASST1 message trees -> the best-ranked conversation of each tree",
         description="One conversation per tree: from the root prompt, follow the best-ranked reply "
-                    "(rank 0 first; unranked last; ties: earliest created_date, then smallest "
-                    "message_id). Deleted subtrees and trees not ready_for_export are skipped; a path "
-                    "ending on a prompter loses that message.")
+                    "(rank 0 first; unranked last; ties: earliest created_date, or the export's order "
+                    "where created_date is absent, then smallest message_id). Deleted subtrees and trees "
+                    "not ready_for_export are skipped; a path ending on a prompter loses that message "
+                    "unless --keep-unanswered-prompt.")
     q.add_argument("input", help="flat message table (.jsonl), nested tree export (.trees.jsonl), "
                                  "either gzipped or not, or the hub id OpenAssistant/oasst1")
     q.add_argument("-o", "--output", required=True, help="prepared JSONL to write (replaced atomically)")
     q.add_argument("--lang", action="extend", nargs="+", metavar="LANG",
                    help="keep trees whose root prompt is in one of these languages (e.g. en es); default all")
     q.add_argument("--split", default="train", help="hub split (train or validation); ignored for files")
+    q.add_argument("--keep-unanswered-prompt", action="store_true",
+                   help="keep a final prompter message that nothing answers, as the published Guanaco "
+                        "subset (timdettmers/openassistant-guanaco) does, to compare with it row for row; "
+                        "default: drop it (it trains nothing when only answers carry loss)")
     q.set_defaults(func=cmd_oasst1)
 
     q = dsub.add_parser("lima", help="LIMA JSONL -> prepared conversations",

@@ -8,10 +8,21 @@ prints on the oasst1 train split show how ours compare):
   state ``ready_for_export`` are used;
 * from the root prompt, repeatedly follow the child with the lowest `rank` (0 = best); unranked
   children come after all ranked ones; ties go to the earliest `created_date`, then the smallest
-  `message_id`; stop at a message without children;
-* a path ending on a prompter message loses that message; a tree left without an assistant message
-  yields nothing;
+  `message_id`. `created_date` is optional (some export versions have none): among siblings that do
+  not all carry one, the export's order (line order in the flat table, `replies` order in the nested
+  export, which OpenAssistant writes sorted by rank, unranked last) replaces the date. Stop at a
+  message without live children;
+* a path ending on a prompter message loses that message (nothing answers it, so it trains nothing
+  under answer-only loss); `keep_unanswered_prompt` keeps it, as the published Guanaco subset does
+  (its text then ends with ``### Human: ...``); a tree without any live assistant reply yields nothing
+  either way;
 * `langs` keeps only trees whose root prompt is in one of those languages.
+
+Fields OpenAssistant's export schema allows to be null are accepted as null: `deleted` (= not
+deleted), `rank` (= unranked), `lang` (matches no `langs`), `tree_state` (= no state given, tree
+used), `created_date`, `review_count`, `replies`; `review_result` is not read. The fields the rule
+needs (`message_id`, `role`, `text`; in the flat table also `parent_id` and `message_tree_id`, and the
+`rank`, `deleted` and `lang` columns, null allowed) must be there, or the error names file:line: field.
 
 Two input forms, gzipped or not (detected by content): the flat message table (one message per
 line, as in the hub dataset ``OpenAssistant/oasst1``) and the nested export (``*.trees.jsonl``: one
@@ -44,13 +55,11 @@ class Message:
     lang: Optional[str]
     rank: Optional[float]
     deleted: bool
-    created: datetime
+    created: Optional[datetime]
+    order: int  # position in the input (line order; nested replies in their listed order)
     line: int
     field_prefix: str = ""  # where the message sits inside a nested tree line, for error messages
     children: list = dc_field(default_factory=list)
-
-    def sort_key(self):
-        return (_UNRANKED if self.rank is None else self.rank, self.created, self.id)
 
 
 @dataclass
@@ -60,7 +69,8 @@ class Counts:
     trees_read: int = 0
     written: int = 0
     dropped: Counter = dc_field(default_factory=Counter)
-    trimmed_prompter: int = 0
+    ended_on_prompter: int = 0
+    kept_unanswered_prompt: bool = False
 
     def summary(self) -> str:
         s = f"oasst1: {self.trees_read} trees read, {self.written} conversations written"
@@ -70,7 +80,8 @@ class Counts:
             s += f"; dropped {total} trees ({parts})"
         else:
             s += "; dropped 0 trees"
-        s += f"; {self.trimmed_prompter} paths ended on a prompter message (that message dropped)"
+        what = "kept" if self.kept_unanswered_prompt else "dropped"
+        s += f"; {self.ended_on_prompter} paths ended on a prompter message (that message {what})"
         return s
 
 
@@ -84,22 +95,23 @@ def _parse_date(value: str, path, line, label) -> datetime:
     return d if d.tzinfo else d.replace(tzinfo=timezone.utc)
 
 
-def _message(obj: dict, path, line, *, prefix: str, parent, tree, flat: bool) -> Message:
+def _message(obj: dict, path, line, *, prefix: str, parent, tree, flat: bool, order: int) -> Message:
     def f(name, types, **kw):
         return field(obj, name, types, path, line, label=prefix + name, **kw)
 
     role = f("role", str)
     if role not in _ROLE:
         raise DataError(f"{where(path, line, prefix + 'role')}: must be prompter or assistant (got {role!r})")
+    # The flat table has every column (null where unknown); the nested export may leave fields out.
     rank = f("rank", (int, float), nullable=True, required=flat)
-    created = _parse_date(f("created_date", str), path, line, prefix + "created_date")
-    f("review_count", int, required=False)
+    date = f("created_date", str, nullable=True, required=False)
+    created = None if date is None else _parse_date(date, path, line, prefix + "created_date")
+    f("review_count", int, nullable=True, required=False)
     return Message(
         id=f("message_id", str), parent=parent, tree=tree, role=role, text=f("text", str),
-        # the nested export may omit a reply's lang; the flat table always has it
-        lang=f("lang", str, required=flat or parent is None),
-        rank=rank, deleted=f("deleted", bool, required=flat, default=False), created=created,
-        line=line, field_prefix=prefix)
+        lang=f("lang", str, nullable=True, required=flat), rank=rank,
+        deleted=f("deleted", bool, nullable=True, required=flat) is True, created=created,
+        order=order, line=line, field_prefix=prefix)
 
 
 def _from_flat(path, first: tuple[int, dict], rows) -> tuple[list[Message], dict]:
@@ -110,10 +122,11 @@ def _from_flat(path, first: tuple[int, dict], rows) -> tuple[list[Message], dict
                             f"(line 1 was a message)")
         tree = field(obj, "message_tree_id", str, path, line)
         parent = field(obj, "parent_id", str, path, line, nullable=True)
-        state = field(obj, "tree_state", str, path, line, required=False)
+        state = field(obj, "tree_state", str, path, line, nullable=True, required=False)
         if state is not None:
             states.setdefault(tree, state)
-        messages.append(_message(obj, path, line, prefix="", parent=parent, tree=tree, flat=True))
+        messages.append(_message(obj, path, line, prefix="", parent=parent, tree=tree, flat=True,
+                                 order=len(messages)))
     return messages, states
 
 
@@ -121,17 +134,19 @@ def _from_trees(path, first: tuple[int, dict], rows) -> tuple[list[Message], dic
     messages, states = [], {}
     for line, obj in _chain(first, rows):
         tree = field(obj, "message_tree_id", str, path, line)
-        state = field(obj, "tree_state", str, path, line, required=False)
+        state = field(obj, "tree_state", str, path, line, nullable=True, required=False)
         if state is not None:
             states.setdefault(tree, state)
         prompt = field(obj, "prompt", dict, path, line)
         stack = [(prompt, "prompt.", None)]
         while stack:
             node, prefix, parent = stack.pop()
-            m = _message(node, path, line, prefix=prefix, parent=parent, tree=tree, flat=False)
+            # depth first, replies in their listed order: `order` keeps the export's sibling order
+            m = _message(node, path, line, prefix=prefix, parent=parent, tree=tree, flat=False,
+                         order=len(messages))
             messages.append(m)
-            replies = field(node, "replies", list, path, line, label=prefix + "replies", required=False,
-                            default=[])
+            replies = field(node, "replies", list, path, line, label=prefix + "replies", nullable=True,
+                            required=False) or []
             for i, child in reversed(list(enumerate(replies))):
                 cp = f"{prefix}replies[{i}]"
                 if not isinstance(child, dict):
@@ -223,6 +238,14 @@ def _check_reachable(messages, roots, by_id, label) -> None:
     raise DataError(f"{where(label, first.line, first.field_prefix + 'parent_id')}: parent cycle ({ids})")
 
 
+def best_child(children: Sequence[Message]) -> Message:
+    """Lowest rank, unranked last; ties by created_date if every sibling has one, else by input
+    order; then message_id."""
+    dated = all(c.created is not None for c in children)
+    return min(children, key=lambda c: (_UNRANKED if c.rank is None else c.rank,
+                                        c.created if dated else c.order, c.id))
+
+
 def best_path(root: Message) -> list[Message]:
     """The rule above, without the trailing-prompter trim. Deleted children are never followed."""
     path = [root]
@@ -231,19 +254,23 @@ def best_path(root: Message) -> list[Message]:
         alive = [c for c in node.children if not c.deleted]
         if not alive:
             return path
-        node = min(alive, key=Message.sort_key)
+        node = best_child(alive)
         path.append(node)
 
 
 # ----------------------------------------------------------------------------- the command
 
-def conversations(source, langs: Optional[Iterable[str]] = None, split: str = "train"
-                  ) -> tuple[list[dict], Counts]:
-    """Prepared rows (one per kept tree, in input order) and the counts. Raises DataError."""
+def conversations(source, langs: Optional[Iterable[str]] = None, split: str = "train",
+                  keep_unanswered_prompt: bool = False) -> tuple[list[dict], Counts]:
+    """Prepared rows (one per kept tree, in input order) and the counts. Raises DataError.
+
+    `keep_unanswered_prompt`: keep a path's final prompter message (the published Guanaco form)
+    instead of dropping it.
+    """
     label, messages, states = read_messages(source, split)
     roots = build_trees(messages, label)
     langs = set(langs) if langs else None
-    counts = Counts(trees_read=len(roots))
+    counts = Counts(trees_read=len(roots), kept_unanswered_prompt=keep_unanswered_prompt)
     counts.dropped.update({"root deleted": 0, f"tree_state not {READY}": 0, "language": 0,
                            "no assistant reply": 0})
     rows = []
@@ -258,20 +285,23 @@ def conversations(source, langs: Optional[Iterable[str]] = None, split: str = "t
             counts.dropped["language"] += 1
             continue
         path = best_path(root)
+        if len(path) == 1:  # a root prompt without any (live) reply
+            counts.dropped["no assistant reply"] += 1
+            continue
         if path[-1].role == "prompter":
-            path = path[:-1]
-            if not path:  # a root prompt without any (live) reply
-                counts.dropped["no assistant reply"] += 1
-                continue
-            counts.trimmed_prompter += 1
+            counts.ended_on_prompter += 1
+            if not keep_unanswered_prompt:
+                path = path[:-1]
         msgs = [{"role": _ROLE[m.role], "content": m.text} for m in path]
         rows.append(record(tree, msgs, guanaco_text(msgs)))
     counts.written = len(rows)
     return rows, counts
 
 
-def prepare_oasst1(source, output, langs: Optional[Iterable[str]] = None, split: str = "train") -> Counts:
+def prepare_oasst1(source, output, langs: Optional[Iterable[str]] = None, split: str = "train",
+                   keep_unanswered_prompt: bool = False) -> Counts:
     """Write the best path of every kept tree of `source` to `output` (JSONL, atomically)."""
-    rows, counts = conversations(source, langs=langs, split=split)
+    rows, counts = conversations(source, langs=langs, split=split,
+                                 keep_unanswered_prompt=keep_unanswered_prompt)
     write_jsonl_atomic(output, rows)
     return counts
