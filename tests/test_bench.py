@@ -74,3 +74,24 @@ def test_falcon_fused_head_and_attention_compute_the_same(tmp_path):
     with torch.no_grad():
         assert torch.allclose(ref.eval()(input_ids=ids, attention_mask=mask).logits,
                               fast.eval()(input_ids=ids, attention_mask=mask).logits, atol=1e-5)
+
+
+def test_model_flops_count_a_frozen_base_as_forward_and_input_gradients():
+    """4 x frozen + 6 x LoRA + attention; recomputation only in the hardware count; the run's rank."""
+    from qlora_lab.bench import flops_per_token
+    from qlora_lab.hardware import param_counts
+    from qlora_lab.presets import model_config
+
+    mc = model_config("llama2-7b")
+    model, hw = flops_per_token(mc, 512, 64)
+    p = param_counts(mc, 64)
+    attention = 12 * 32 * 4096 * 512
+    assert model == hw == 4 * (p["linear"] + p["lm_head"]) + 6 * p["lora"] + attention
+    # The ceiling one H200 (~790 TFLOP/s bf16) puts on Llama-2-7B at 8x512: ~28k trained tokens/s.
+    assert 27_500 < 790e12 / model < 28_500
+    # Every layer recomputed: one more forward of the layers (not of the head), not counted as model work.
+    _, hw_all = flops_per_token(mc, 512, 64, recomputed_layers=32)
+    assert hw_all - model == 2 * (p["linear"] + p["lora"]) + 4 * 4096 * 512 * 32
+    # Rank 16 instead of 64: the LoRA term scales with it.
+    model16, _ = flops_per_token(mc, 512, 16)
+    assert model - model16 == 6 * (p["lora"] - param_counts(mc, 16)["lora"])

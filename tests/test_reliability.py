@@ -228,6 +228,27 @@ def test_nan_loss_stops_names_the_step_and_keeps_no_poisoned_checkpoint(tmp_path
     assert rows[-1]["step"] == status["step"] and rows[-1]["loss"] is None  # NaN logged as null
 
 
+def test_inf_gradient_is_recorded_as_non_finite_adapter_weights_not_as_a_loss(tmp_path, capsys, monkeypatch):
+    # The loss of step 3 is finite, its gradient is not: the optimizer step leaves NaN adapters, found
+    # before checkpoint-3 is written; status says what failed, not "non-finite loss".
+    import torch
+
+    def inf_gradient(trainer, loss):
+        p = next(p for p in trainer.model.parameters() if p.requires_grad)
+        p.register_hook(lambda g: torch.full_like(g, float("inf")))
+        return loss
+
+    out = tmp_path / "run"
+    _at_step(monkeypatch, 3, inf_gradient)
+    rc, err = _main(capsys, out, "--set", "train.max_steps=6", "--set", "train.eval_steps=null")
+    assert rc == 2, err[-3000:]
+    line = _one_error_line(err)
+    status = RunFolder(out).read_json("status.json")
+    assert status["status"] == "failed: non-finite adapter weights" and status["step"] == 3
+    assert "non-finite adapter weights" in line and "non-finite loss" not in line
+    assert RunFolder(out).checkpoints() == []
+
+
 # ----------------------------------------------------------------------------- 4. out of memory
 
 def test_oom_at_first_step_names_the_knobs(tmp_path, capsys, monkeypatch):

@@ -10,10 +10,12 @@ LoRA weights (the first process saves them, the others load them). "ours" is exa
 `qlora-lab train` runs: train.load_plan -> train.load_model -> train.build_trainer -> Trainer.train.
 
 Measured: median wall time per optimizer step after warm-up (data loading and logging included),
-trained tokens/s, peak allocated and reserved GPU memory, the base weights' bytes, MFU, and the
-losses of the first 20 steps. MFU = tokens/s x (6 x matmul params + 12 x layers x hidden x seq_len)
-/ the bf16 matmul rate measured in the same process (6N: forward, recomputation and input gradients
-of a frozen base; attention as in PaLM's appendix B).
+trained tokens/s, peak allocated and reserved GPU memory, the base weights' bytes, MFU and HFU, and
+the losses of the first 20 steps, all against the bf16 matmul rate measured in the same process.
+Model FLOPs per trained token (`flops_per_token`): a frozen matmul weight costs its forward and the
+gradient of its input, 4 x its params (no weight gradient); a LoRA weight 6 x its params; attention's
+two matmuls 12 x layers x hidden x seq_len (forward and both input gradients, as in PaLM's appendix B).
+Recomputation is work the hardware does, not the model: HFU adds each recomputed layer's forward again.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+BASELINE_LORA_R = 64     # the standard recipe's rank: the same as _bench_config's lora.r
 LOSS_STEPS = 20          # steps whose losses must agree between the two paths
 LOSS_TOLERANCE = 0.01    # relative
 # Variants that only change these keys run inside the "ours" process, on the model it already loaded.
@@ -102,6 +105,7 @@ def run(presets, shapes, steps: int = 20, baseline: bool = False, memory_budget=
     report["matmul_tflops"] = max((w.get("matmul_tflops") or 0 for w in report["workers"]), default=0) or None
     for r in report["rows"]:
         r["mfu"] = mfu(r, report["matmul_tflops"])
+        r["hfu"] = mfu(r, report["matmul_tflops"], "hw_flops_per_token")
     report["comparisons"] = compare(report["rows"])
     report["scaling"] = compare_scaling(report["rows"])
     table = markdown(report)
@@ -191,10 +195,12 @@ def _last_error(tail: str) -> str:
     return lines[-1][:300] if lines else "crashed"
 
 
-def mfu(row: dict, matmul_tflops) -> float | None:
-    if not matmul_tflops or not row.get("tokens_per_s") or not row.get("flops_per_token"):
+def mfu(row: dict, matmul_tflops, key: str = "flops_per_token") -> float | None:
+    """Model FLOPs utilization; key="hw_flops_per_token" gives HFU (recomputation counted)."""
+    if not matmul_tflops or not row.get("tokens_per_s") or not row.get(key):
         return None
-    return row["tokens_per_s"] * row["flops_per_token"] / (matmul_tflops * 1e12)
+    gpus = row.get("world_size") or 1  # tokens/s is the whole job's; the matmul rate one GPU's
+    return row["tokens_per_s"] * row[key] / (matmul_tflops * 1e12 * gpus)
 
 
 def compare(rows: list) -> list:
@@ -263,23 +269,24 @@ def markdown(report: dict) -> str:
             f"Matmul rate measured (bf16, 8192^3): {report.get('matmul_tflops') or 'n/a'} TFLOP/s. "
             f"{report['steps']} steps, median after {report['warmup_steps']} warm-up steps"
             + (f"; memory budget {report['memory_budget_gib']} GiB" if report.get("memory_budget_gib") else "") + ".\n")
-    lines = ["| model | batch x seq | path | plan | step s | tokens/s | MFU | peak alloc GiB | peak reserved GiB "
+    lines = ["| model | batch x seq | path | plan | step s | tokens/s | MFU | HFU | peak alloc GiB | peak reserved GiB "
              "| weights GiB | vs baseline | loss max rel. diff (20 steps) |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---|"]
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|"]
     for r in report["rows"]:
         c = comp.get((r["preset"], r["seq_len"], r["batch_size"], r["path"]), {})
         if r.get("status", "ok") != "ok":
             lines.append(f"| {r['preset']} | {r['batch_size']}x{r['seq_len']} | {r['path']} | | {r['status']} "
-                         "| | | | | | | |")
+                         "| | | | | | | | |")
             continue
         w = _gib(r.get("weights_bytes"))
         if r.get("n_linear_16bit"):
             w += f" (**16-bit**: {r['n_linear_16bit']} of {r['n_linear']} linear layers not quantized)"
-        m = r.get("mfu")
+        m, hw = r.get("mfu"), r.get("hfu")
         speed = f"{c['speedup']:.2f}x" if c.get("speedup") else ""
         loss = (f"{c['loss_max_rel_diff']:.2%} {'ok' if c['loss_ok'] else 'FAIL'}" if "loss_ok" in c else "")
         lines.append(f"| {r['preset']} | {r['batch_size']}x{r['seq_len']} | {r['path']} | {r.get('plan_words', '')} "
                      f"| {r['median_step_s']:.3f} | {r['tokens_per_s']:.0f} | {'n/a' if m is None else f'{m:.1%}'} "
+                     f"| {'n/a' if hw is None else f'{hw:.1%}'} "
                      f"| {_gib(r.get('peak_allocated_bytes'))} | {_gib(r.get('peak_reserved_bytes'))} | {w} "
                      f"| {speed} | {loss} |")
     for c in report.get("scaling") or []:
@@ -440,15 +447,25 @@ def _peaks() -> dict:
     return {"peak_allocated_bytes": peaks[0], "peak_reserved_bytes": peaks[1]}
 
 
-def _flops_per_token(hf_config, seq_len: int, lora_r: int) -> float:
+def flops_per_token(hf_config, seq_len: int, lora_r: int, recomputed_layers: int = 0) -> tuple[float, float]:
+    """(model FLOPs, hardware FLOPs) per trained token of LoRA on every linear layer of a frozen base.
+
+    Model: 4 x frozen matmul params (forward + input gradient) + 6 x LoRA params (forward + input and
+    weight gradients) + 12 x layers x hidden x seq_len (attention scores and mixing: forward + two
+    input gradients). Hardware: plus the forward of each recomputed layer (2 x its params + its
+    attention, 4 x hidden x seq_len).
+    """
     from .hardware import param_counts
 
     p = param_counts(hf_config, lora_r)
-    n = p["linear"] + p["lm_head"] + p["lora"]
-    return 6 * n + 12 * hf_config.num_hidden_layers * hf_config.hidden_size * seq_len
+    layers, h = hf_config.num_hidden_layers, hf_config.hidden_size
+    model = 4 * (p["linear"] + p["lm_head"]) + 6 * p["lora"] + 12 * layers * h * seq_len
+    per_layer_forward = 2 * (p["linear"] + p["lora"]) / layers + 4 * h * seq_len
+    return model, model + recomputed_layers * per_layer_forward
 
 
-def _row(spec, shape: Shape, timer, steps: int, warmup: int, hf_config, extra: dict) -> dict:
+def _row(spec, shape: Shape, timer, steps: int, warmup: int, hf_config, lora_r: int, recomputed: int,
+         extra: dict) -> dict:
     times = timer.times[warmup:] or timer.times
     med = statistics.median(times)
     trained = shape.batch_size * (shape.seq_len - 1)  # tokens with a next-token label, as train.py counts
@@ -456,7 +473,9 @@ def _row(spec, shape: Shape, timer, steps: int, warmup: int, hf_config, extra: d
             "batch_size": shape.batch_size, "status": "ok", "steps": len(timer.times),
             "median_step_s": med, "step_times_s": [round(t, 4) for t in timer.times],
             "tokens_per_s": trained / med, "trained_tokens_per_step": trained,
-            "flops_per_token": _flops_per_token(hf_config, shape.seq_len, 64),
+            **dict(zip(("flops_per_token", "hw_flops_per_token"),
+                       flops_per_token(hf_config, shape.seq_len, lora_r, recomputed))),
+            "lora_r": lora_r,
             "world_size": int(os.environ.get("WORLD_SIZE", 1)),
             "losses": timer.losses[:max(steps, LOSS_STEPS)], **_peaks(), **extra}
 
@@ -525,7 +544,9 @@ def _train_ours(spec, label, overrides, shape, model, summary, emit):
         words = (f"{plan.kernels}{' + fused LoRA' if plan.fused_lora else ''}, ckpt {n}/{hf_config.num_hidden_layers}, "
                  f"micro {plan.per_device_train_batch_size}x{plan.gradient_accumulation_steps}"
                  + (f", budget {plan.memory_budget_gib:g} GiB" if cfg.train.memory_budget_gib else ""))
-        emit("row", row=_row({**spec, "label": label}, shape, timer, spec["steps"], spec["warmup"], hf_config, {
+        recomputed = 0 if not plan.gradient_checkpointing else n
+        emit("row", row=_row({**spec, "label": label}, shape, timer, spec["steps"], spec["warmup"], hf_config,
+                             cfg.lora.r, recomputed, {
             "plan": plan.to_dict(), "plan_words": words, "kernels": summary.get("kernels"),
             "fused_lora_modules": lora_fused.count(model),
             "launch": (spec.get("launch") or {}).get("kind"), "reference": (spec.get("launch") or {}).get("ref"),
@@ -583,7 +604,7 @@ def _worker_baseline(spec, shapes, emit) -> int:
         try:
             set_seed(42)
             if model is None:
-                model, tok, lora, facts = baseline.load(path, dtype, lora_r=64, lora_alpha=16, lora_dropout=0.05)
+                model, tok, lora, facts = baseline.load(path, dtype, lora_r=BASELINE_LORA_R, lora_alpha=16, lora_dropout=0.05)
                 emit("model", facts=facts)
             ds = Dataset.from_list(synthetic_examples(hf_config.vocab_size, shape, spec["steps"]))
             timer = _step_timer()
@@ -597,7 +618,8 @@ def _worker_baseline(spec, shapes, emit) -> int:
             _peak_reset()
             tr.train()
             n_lora = sum(1 for _, m in model.named_modules() if hasattr(m, "lora_A") and len(m.lora_A))
-            emit("row", row=_row(spec, shape, timer, spec["steps"], spec["warmup"], hf_config, {
+            emit("row", row=_row(spec, shape, timer, spec["steps"], spec["warmup"], hf_config, BASELINE_LORA_R,
+                                 hf_config.num_hidden_layers, {  # the standard recipe recomputes every layer
                 "plan_words": "TRL SFT, ckpt all, fp32 norms/head", "weights_bytes": facts["weights_bytes"],
                 "weights_bytes_loaded": facts["weights_bytes_loaded"], "n_linear_16bit": facts["n_linear_16bit"],
                 "n_linear": facts["n_linear"], "n_lora_modules": n_lora, "lora_init": lora_init}))

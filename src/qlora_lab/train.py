@@ -391,15 +391,17 @@ class _RunCallback(_HFCallback):
         # stops together (a stop on rank 0 alone would leave the others waiting in a collective).
         loss = row.get("loss", row.get("eval_loss"))
         if loss is not None and not math.isfinite(loss):
-            self._fail(state, control, f"non-finite loss ({loss})")
+            self._fail(state, control, "non-finite loss", f"loss {loss}")
         if state.is_world_process_zero:
             self.run.append_metric(row)
 
-    def _fail(self, state, control, what: str) -> None:
+    def _fail(self, state, control, what: str, detail: str = "") -> None:
+        """Stop training: `what` failed (recorded in status.json); no checkpoint of this step."""
         if self.failure is None:
-            self.failure = "non-finite loss"
+            self.failure = what
             self.failure_step = state.global_step
-            log.error("%s at step %d: stopping; the last checkpoint is kept", what, state.global_step)
+            log.error("%s%s at step %d: stopping; the last checkpoint is kept", what,
+                      f" ({detail})" if detail else "", state.global_step)
         control.should_save = False
         control.should_evaluate = False
         control.should_training_stop = True
