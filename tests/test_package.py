@@ -18,6 +18,6 @@ def test_every_verb_has_help():
     for verb in ("train", "make-model", "config", "data", "generate", "compare", "plot", "bench", "demo"):
         r = run_cli(verb, "--help")
         assert r.returncode == 0 and "usage: qlora-lab " + verb in r.stdout, (verb, r.stderr)
-    for sub in ("oasst1", "lima", "stats"):
+    for sub in ("oasst1", "lima", "stats", "synth"):
         r = run_cli("data", sub, "--help")
         assert r.returncode == 0 and f"usage: qlora-lab data {sub}" in r.stdout, (sub, r.stderr)

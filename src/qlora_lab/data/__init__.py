@@ -7,6 +7,7 @@
     dataset.py       prepared file -> tokenized train / eval datasets (`load_datasets`)
     packing.py       batch collation: right-padding or padding-free packing
     stats.py         counts and token-length histogram (`qlora-lab data stats`)
+    synthetic.py     pseudo-word OASST1 trees / LIMA rows of the real size and lengths (`data synth`)
     jsonl.py         strict line-numbered reading, atomic writing
 """
 from __future__ import annotations

@@ -1,8 +1,9 @@
-"""`qlora-lab data ...` sub-commands: thin wrappers over oasst1.py, lima.py and stats.py.
+"""`qlora-lab data ...` sub-commands: thin wrappers over oasst1.py, lima.py, stats.py and synthetic.py.
 
     qlora-lab data oasst1 INPUT -o OUT.jsonl [--lang en de ...] [--split train] [--keep-unanswered-prompt]
     qlora-lab data lima INPUT -o OUT.jsonl [--split train]
     qlora-lab data stats FILE.jsonl --config CONFIG [--set data.max_length=1024] [--png FILE.png]
+    qlora-lab data synth oasst1|lima -o RAW.jsonl [--split S] [--seed N] [-n ROWS] [--flat]
 """
 from __future__ import annotations
 
@@ -39,6 +40,20 @@ def cmd_stats(args) -> int:
     png = write_png(st, args.png)
     if png:
         print(f"wrote {png}")
+    return 0
+
+
+def cmd_synth(args) -> int:
+    import time
+
+    from .synthetic import write
+
+    t0 = time.perf_counter()
+    lines = write(args.corpus, args.output, split=args.split, seed=args.seed, n=args.n, flat=args.flat)
+    what = "messages" if args.flat else ("trees" if args.corpus == "oasst1" else "rows")
+    print(f"synth {args.corpus} {args.split} (seed {args.seed}): {lines} {what} in "
+          f"{time.perf_counter() - t0:.1f} s")
+    print(f"wrote {args.output}; next: qlora-lab data {args.corpus} {args.output} -o PREPARED.jsonl")
     return 0
 
 
@@ -88,6 +103,21 @@ def add_parser(sub) -> None:
     q.add_argument("--png", default=None, help="histogram image (default: FILE with suffix .lengths.png)")
     q.add_argument("--bins", type=_positive, default=10, help="histogram rows in the text output")
     q.set_defaults(func=cmd_stats)
+
+    q = dsub.add_parser(
+        "synth", help="synthetic raw OASST1 trees or LIMA rows of the real size and lengths (no real data)",
+        description="Pseudo-word text in the raw formats, sized like the real splits (OASST1 train 9,846 "
+                    "trees / validation 518; LIMA train 1,030 rows incl. 30 multi-turn / test 300 "
+                    "prompts), with the real length profile in Llama-2 tokens written as bytes, i.e. "
+                    "as tokens of the random-init models' byte tokenizer. For timing and memory "
+                    "studies without the hub; see data/synthetic.py for the recipe.")
+    q.add_argument("corpus", choices=("oasst1", "lima"))
+    q.add_argument("-o", "--output", required=True, help="raw JSONL to write (replaced atomically)")
+    q.add_argument("--split", default="train", help="oasst1: train or validation; lima: train or test")
+    q.add_argument("--seed", type=int, default=0, help="same seed, same file")
+    q.add_argument("-n", type=_positive, default=None, help="rows (trees) instead of the real split size")
+    q.add_argument("--flat", action="store_true", help="oasst1: the flat message table instead of nested trees")
+    q.set_defaults(func=cmd_synth)
 
 
 def _positive(s: str) -> int:
