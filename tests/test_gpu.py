@@ -37,33 +37,18 @@ def test_qlora_trains_on_the_gpu(tmp_path):
     assert run.read_json("env.json")["cuda_available"] is True
 
 
-def test_fused_lora_matches_peft_in_bf16_4bit_on_the_gpu():
-    """The bench's speed comparison rests on this: same loss and adapter gradients on CUDA, bf16 autocast."""
+@pytest.mark.parametrize("name", ["tiny_llama_qlora", "tiny_falcon_qlora"])
+def test_fused_lora_is_as_accurate_as_peft_in_bf16_4bit_on_the_gpu(name):
+    """The bench's speed comparison rests on this: on CUDA in bf16 autocast (bitsandbytes' CUDA dequantize
+    kernel), the fused layer's loss and every adapter gradient are as close to the fp32 computation as
+    peft + bitsandbytes' own (tolerances: test_lora_fused.bf16_errors)."""
     import torch
 
-    from qlora_lab import lora_fused
-    from qlora_lab.model import add_lora, load_model
+    from .test_lora_fused import _model, assert_fused_as_accurate_as_peft, bf16_errors
 
-    cfg = load_config(CONFIGS / "tiny_llama_qlora.yaml", ["lora.lora_dropout=0.0", "train.fused_lora=false"])
-    model, _, _ = load_model(cfg, for_training=True)
-    model, _ = add_lora(model, cfg, False)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.02)
-    model.train()
-    x = torch.randint(4, 200, (2, 32), device="cuda")
-
-    def step():
-        model.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        return loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
-
-    ref_loss, ref = step()
-    assert lora_fused.enable(model) > 0
-    loss, got = step()
-    assert abs(loss - ref_loss) <= 1e-3 * abs(ref_loss)
-    for k in ref:
-        torch.testing.assert_close(got[k], ref[k], rtol=5e-2, atol=1e-4, msg=k)
+    model = _model(name, "lora.lora_dropout=0.0")
+    errors = bf16_errors(model, torch.randint(4, 200, (2, 32), device="cuda"), "cuda")
+    worst = max((v for k, v in errors.items() if k not in ("loss", "loss32")), key=lambda v: v[1])
+    print(f"{name}: loss error peft {errors['loss'][0]:.2e} fused {errors['loss'][1]:.2e}; "
+          f"worst gradient error peft {worst[0]:.2e} fused {worst[1]:.2e}")
+    assert_fused_as_accurate_as_peft(errors)

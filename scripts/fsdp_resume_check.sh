@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Sharded QLoRA through `qlora-lab train` on 2 GPUs: train a random-weight Llama-2-7B shape with FSDP,
+# SIGKILL it after a checkpoint, --resume to the end, then load the adapter with stock peft.
+# Records what it saw under OUT (default fsdp-check/). Needs 2 CUDA GPUs, accelerate, bitsandbytes, peft.
+#
+#   bash scripts/fsdp_resume_check.sh [OUT]
+set -uo pipefail
+OUT=${1:-fsdp-check}
+W=$(mktemp -d)
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 QLORA_LAB_CACHE=${QLORA_LAB_CACHE:-$W/cache}
+Q=(python3 -m qlora_lab.cli)
+"${Q[@]}" data synth lima -o "$W/lima_raw.jsonl" -n 200 && "${Q[@]}" data lima "$W/lima_raw.jsonl" -o "$W/lima.jsonl" || exit 1
+python3 -c "from qlora_lab.presets import cached_model; cached_model('llama2-7b')" || exit 1  # written once, before the ranks start
+train=(accelerate launch --config_file configs/accelerate/fsdp_qlora.yaml -m qlora_lab.cli train
+       configs/llama2_7b_lima_qlora.yaml --set model.name_or_path=null --set model.random_init=llama2-7b
+       --set data.train_file="$W/lima.jsonl" --set data.eval_size=0 --set logging.report_to=none
+       --set train.max_steps=8 --set train.save_steps=2 --set train.eval_steps=null --set data.max_length=1024
+       --set train.per_device_train_batch_size=2 --set train.gradient_accumulation_steps=1
+       --output-dir "$W/run")
+t0=$(date +%s)
+setsid "${train[@]}" >"$OUT/first.log" 2>&1 &
+pid=$!
+while kill -0 $pid 2>/dev/null && [ ! -f "$W/run/checkpoints/checkpoint-4/qlora_lab_state.json" ]; do sleep 1; done
+sleep 2
+kill -9 -- -$pid 2>/dev/null; wait $pid; echo "first run killed after checkpoint-4 ($(( $(date +%s) - t0 )) s)" | tee "$OUT/summary.txt"
+ls -R "$W/run/checkpoints" > "$OUT/checkpoints_after_kill.txt"
+cat "$W/run/status.json" >> "$OUT/summary.txt"
+"${train[@]}" --resume >"$OUT/resume.log" 2>&1; echo "resume exit $?" | tee -a "$OUT/summary.txt"
+cp "$W/run/metrics.jsonl" "$W/run/status.json" "$W/run/train_summary.json" "$W/run/plan.json" "$OUT/" 2>/dev/null
+python3 - "$W/run" >>"$OUT/summary.txt" 2>&1 <<'PY'
+# The adapter a user gets: stock transformers + peft, no qlora_lab.
+import json, sys, torch
+from pathlib import Path
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+run = Path(sys.argv[1])
+base_dir = json.loads((run / "model_summary.json").read_text())["source"]
+from qlora_lab.presets import cached_model
+base = AutoModelForCausalLM.from_pretrained(cached_model("llama2-7b"), dtype=torch.bfloat16, device_map={"": 0})
+x = torch.randint(4, 30000, (1, 32), device="cuda")
+with torch.no_grad():
+    before = base(input_ids=x).logits.float()
+model = PeftModel.from_pretrained(base, str(run / "adapter"))
+with torch.no_grad():
+    after = model(input_ids=x).logits.float()
+print("stock PeftModel.from_pretrained:", type(model).__name__, "adapter tensors",
+      len(model.get_base_model().state_dict()), "logits finite", bool(after.isfinite().all()),
+      "max change from base", round((after - before).abs().max().item(), 4))
+rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+print("steps logged", [r["step"] for r in rows if "loss" in r], "losses", [round(r["loss"], 4) for r in rows if "loss" in r])
+PY
+cat "$OUT/summary.txt"
