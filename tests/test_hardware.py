@@ -66,3 +66,6 @@ def test_fsdp_is_named_in_the_plan(monkeypatch):
     assert "sharded over 2 GPUs" in line and "stored as float32" in line  # the CPU's compute dtype
     assert (p.per_device_train_batch_size, p.gradient_accumulation_steps) == (4, 1)  # same global batch
     assert not p.fused_lora and any(r.startswith("fused_lora=off: FSDP") for r in p.reasons)
+    # bitsandbytes' optimizers hide their states from FSDP's gather: a checkpoint could not be resumed.
+    paged = hardware.plan(cfg.set("train.optim=paged_adamw_32bit"), model_config("tiny-llama"))
+    assert paged.optim == "adamw_torch" and any(r.startswith("optim=adamw_torch: under FSDP") for r in paged.reasons)

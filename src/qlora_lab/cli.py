@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .data.cli import add_parser as add_data_parser
 
     add_data_parser(sub)
+    from .studies import add_parser as add_study_parser
+
+    add_study_parser(sub)
     for name in ("generate", "compare", "plot", "bench", "demo"):
         _try_add(sub, name)
     return parser

@@ -278,7 +278,13 @@ def plan(cfg, model_config=None) -> Plan:
         k = None  # depth unknown here: add_lora recomputes every layer
 
     optim = t.optim
-    if not cuda and (optim.startswith("paged_") or optim == "adamw_8bit"):
+    if fsdp_active() and (optim.startswith("paged_") or "8bit" in optim or "bnb" in optim):
+        # Measured on 2 H200s: --resume of an FSDP run died loading its optimizer state.
+        reasons.append(f"optim=adamw_torch: under FSDP a bitsandbytes optimizer ({optim}) nests its states to hide "
+                       "them from FSDP's gather, so a checkpoint holds one rank's shard and cannot be loaded back; "
+                       "torch's AdamW is the same update (fp32 states), sharded by FSDP")
+        optim = "adamw_torch"
+    elif not cuda and (optim.startswith("paged_") or optim == "adamw_8bit"):
         reasons.append(f"optim=adamw_torch: {optim} needs CUDA (paged/8-bit states live on the GPU)")
         optim = "adamw_torch"
 

@@ -1,0 +1,167 @@
+"""The two studies end to end: one code path for the notebooks and scripts/reproduce_studies.sh.
+
+    qlora-lab study falcon7b_oasst1 -o assets/studies/falcon7b_oasst1 [--offline] [--steps N]
+    qlora_lab.studies.run("llama2_7b_lima", "assets/studies/llama2_7b_lima", offline=True)  # a notebook
+
+A study is its configs (the QLoRA arm first), each trained with `qlora-lab train`; then the answers of
+the base model and of every fine-tune to the study's prompt set, the loss curves, and the study folder:
+table.md/html, generations.jsonl, metrics/, loss.png/svg and summary.json, whose `measured` section holds
+what each run took (conversations and tokens trained, wall time, tokens/s, peak GPU memory, GPU). Never
+weights: run folders (adapters, checkpoints) go to `work_dir`.
+
+offline=True is what a machine without a model hub can run: a random-weight model of each config's shape
+(speed and memory real, text gibberish) and synthetic corpora of the real dataset's size and token lengths
+(`data/synthetic.py`), fed through the same `data oasst1` / `data lima` pipeline a download would take.
+A memory-budget run (`budget_gib`) trains the QLoRA arm once more under that cap (T4-class: 15) and
+records its measurements beside the others.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .errors import UserError
+
+log = logging.getLogger("qlora_lab.studies")
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    name: str
+    configs: tuple[str, ...]   # file names under the configs folder; the QLoRA arm first
+    prompts: str               # packaged prompt set
+    corpus: str                # oasst1 | lima: what offline data to synthesize
+    title: str
+
+
+STUDIES = {
+    "falcon7b_oasst1": StudySpec(
+        "falcon7b_oasst1", ("falcon7b_oasst1_qlora.yaml",), "oasst1_levels", "oasst1",
+        "Falcon-7B + QLoRA on OASST1 (best path of every tree), lr 2e-4"),
+    "llama2_7b_lima": StudySpec(
+        "llama2_7b_lima", ("llama2_7b_lima_qlora.yaml", "llama2_7b_lima_lora.yaml"), "lima_examples", "lima",
+        "Llama-2-7B on LIMA: base vs QLoRA vs LoRA"),
+}
+OFFLINE_SEED = 0  # the synthetic corpora's seed (data/synthetic.py): same seed, same files
+
+
+def spec(name: str) -> StudySpec:
+    if name not in STUDIES:
+        raise UserError(f"unknown study {name!r}; known: {', '.join(STUDIES)}")
+    return STUDIES[name]
+
+
+def offline_data(study: StudySpec, work_dir) -> list[str]:
+    """Write the study's synthetic corpora through the real data pipeline; the config overrides that use them."""
+    from .data.lima import prepare_lima
+    from .data.oasst1 import prepare_oasst1
+    from .data.synthetic import write
+
+    d = Path(work_dir) / "data"
+    d.mkdir(parents=True, exist_ok=True)
+    if study.corpus == "oasst1":
+        for split, out in (("train", "oasst1_best.jsonl"), ("validation", "oasst1_best_validation.jsonl")):
+            write("oasst1", d / f"synth_oasst1_{split}.trees.jsonl", split=split, seed=OFFLINE_SEED)
+            log.info("%s", prepare_oasst1(d / f"synth_oasst1_{split}.trees.jsonl", d / out).summary())
+        return [f"data.train_file={d / 'oasst1_best.jsonl'}", f"data.eval_file={d / 'oasst1_best_validation.jsonl'}"]
+    write("lima", d / "synth_lima_train.jsonl", split="train", seed=OFFLINE_SEED)
+    prepare_lima(d / "synth_lima_train.jsonl", d / "lima.jsonl")
+    return [f"data.train_file={d / 'lima.jsonl'}"]
+
+
+def offline_overrides(cfg_path) -> list[str]:
+    """A config's model, as a random-weight model of the same shape (no hub)."""
+    from .config import load_config
+
+    name = load_config(cfg_path).model.name_or_path or ""
+    preset = "falcon-7b" if "falcon" in name.lower() else "llama2-7b" if "llama" in name.lower() else None
+    if preset is None:
+        raise UserError(f"{cfg_path}: no random-weight preset for model {name!r}")
+    return ["model.name_or_path=null", f"model.random_init={preset}", "logging.report_to=none"]
+
+
+def measured(run_dir) -> dict:
+    """What a finished run took, from its run folder."""
+    from .runs import RunFolder
+
+    run = RunFolder.open(run_dir)
+    s = run.read_json("train_summary.json") or {}
+    data = run.read_json("data_stats.json") or {}
+    env = run.read_json("env.json") or {}
+    plan = run.read_json("plan.json") or {}
+    return {
+        "train_conversations": data.get("n_train"), "steps": s.get("steps"),
+        "tokens_trained": s.get("tokens_trained"), "wall_time_s": s.get("train_runtime_s"),
+        "tokens_per_s": s.get("tokens_per_s"), "peak_memory_bytes": s.get("peak_memory_bytes"),
+        "gpu": env.get("device"), "memory_budget_gib": plan.get("memory_budget_gib"),
+        "checkpoint_layers": plan.get("checkpoint_layers"), "status": s.get("status"),
+    }
+
+
+def run(name: str, study_dir, work_dir="runs/studies", offline: bool = False, overrides: Sequence[str] = (),
+        steps: Optional[int] = None, budget_gib: Optional[float] = None, budget_steps: Optional[int] = None,
+        configs_dir="configs", progress: bool = True, title: Optional[str] = None) -> Path:
+    """Train every arm, answer the prompts, plot, and write `study_dir`; returns it."""
+    from . import generate, plots, report, train
+    from .config import load_config
+
+    study = spec(name)
+    work = Path(work_dir) / study.name
+    paths = [Path(configs_dir) / c for c in study.configs]
+    for p in paths:
+        if not p.is_file():
+            raise UserError(f"{p}: config not found (configs_dir={configs_dir})")
+    common = list(overrides)
+    if steps:
+        common.append(f"train.max_steps={steps}")
+    if offline:
+        common = offline_data(study, work) + common
+    cfgs = [load_config(p, (offline_overrides(p) if offline else []) + common) for p in paths]
+    runs = [train.main(c, output_dir=work / Path(p).stem) for c, p in zip(cfgs, paths)]
+    meas = {Path(r).name: measured(r) for r in runs}
+    if budget_gib:  # the QLoRA arm again, capped like a smaller GPU; its folder stays out of the tables
+        extra = [f"train.memory_budget_gib={budget_gib}"] + ([f"train.max_steps={budget_steps}"] if budget_steps else [])
+        cfg = load_config(paths[0], (offline_overrides(paths[0]) if offline else []) + common + extra)
+        r = train.main(cfg, output_dir=work / f"{paths[0].stem}-budget{budget_gib:g}")
+        meas[Path(r).name] = measured(r)
+    gen = cfgs[0].generation
+    rows = generate.run(generate.targets_for(runs, include_base=True), study.prompts, gen, progress=progress)
+    title = title or study.title + (" (random weights of the real shape: the text is gibberish)" if offline else "")
+    report.write_study(study_dir, runs, rows, prompts=study.prompts, title=title)
+    _add_measured(Path(study_dir) / "summary.json", meas, offline)
+    plots.save_figure(plots.loss_figure(plots.load_curves(runs), title=title), Path(study_dir) / "loss.png")
+    return Path(study_dir)
+
+
+def _add_measured(summary_file: Path, meas: dict, offline: bool) -> None:
+    from .fileio import atomic_write
+
+    doc = json.loads(summary_file.read_text(encoding="utf-8"))
+    doc["measured"] = meas
+    if offline:
+        doc["offline_data"] = (f"synthetic corpora (qlora-lab data synth, seed {OFFLINE_SEED}) of the real "
+                               "dataset's size and Llama-2 token lengths, through the real data pipeline")
+    atomic_write(summary_file, json.dumps(doc, indent=2, default=str) + "\n")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("study", help="run one of the two studies end to end into a study folder",
+                       description=__doc__.split("\n\n")[2])
+    p.add_argument("name", choices=sorted(STUDIES), help="which study")
+    p.add_argument("-o", "--output", required=True, help="study folder to write (e.g. assets/studies/NAME)")
+    p.add_argument("--work-dir", default="runs/studies", help="where run folders (adapters, checkpoints) go")
+    p.add_argument("--configs-dir", default="configs", help="folder holding the study's configs")
+    p.add_argument("--offline", action="store_true",
+                   help="random-weight model of each config's shape + synthetic corpora of the real size (no hub)")
+    p.add_argument("--steps", type=int, help="train.max_steps for every arm (default: the configs')")
+    p.add_argument("--memory-budget", type=float, help="also train the QLoRA arm under this many GiB (15: a T4)")
+    p.add_argument("--budget-steps", type=int, help="steps of the memory-budget run (default: as the others)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="config override for every arm (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=lambda a: run(a.name, a.output, a.work_dir, offline=a.offline, overrides=a.set,
+                                      steps=a.steps, budget_gib=a.memory_budget, budget_steps=a.budget_steps,
+                                      configs_dir=a.configs_dir, progress=not a.no_progress) and 0)
