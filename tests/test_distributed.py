@@ -150,3 +150,16 @@ def test_launchers():
     fsdp = launch_command({"kind": "fsdp", "nproc": 2})
     assert fsdp[1:3] == ["-m", "accelerate.commands.launch"] and fsdp[fsdp.index("--num_processes") + 1] == "2"
     assert fsdp[fsdp.index("--config_file") + 1].endswith("configs/accelerate/fsdp_qlora.yaml")
+
+
+def test_gathered_state_dict_names_are_the_models_own():
+    """Wrapper segments (FSDP units, checkpoint wrappers, DDP) never reach a saved adapter's keys."""
+    from qlora_lab.distributed import _unwrapped_name
+
+    own = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
+    assert _unwrapped_name(own) == own
+    assert _unwrapped_name("_fsdp_wrapped_module.base_model.model.model.layers.0._fsdp_wrapped_module."
+                           "self_attn.q_proj.lora_A.default.weight") == own
+    assert _unwrapped_name("module.base_model.model.model.layers.0._checkpoint_wrapped_module."
+                           "self_attn.q_proj.lora_A.default.weight") == own
+    assert _unwrapped_name("base_model.model.model.embed_tokens.module.weight").endswith("embed_tokens.module.weight")

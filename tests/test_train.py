@@ -168,3 +168,23 @@ def test_oom_while_loading_the_model_names_the_knobs(tmp_path, capsys, monkeypat
     assert rc == 2 and "Traceback" not in err and "Tried to allocate" not in err
     assert "out of GPU memory while loading the base model" in err and "quant.bits=4" in err
     assert RunFolder(out).status() == "failed: out of memory"
+
+
+def test_an_adapter_saved_without_its_lora_tensors_is_an_error_not_a_completed_run(tmp_path):
+    """What a gather that lost the adapter's names would write: caught before the run says completed."""
+    from safetensors.torch import save_file
+
+    from qlora_lab.errors import UserError
+    from qlora_lab.train import _check_saved_adapter
+
+    run = RunFolder(tmp_path)
+    run.write_json("model_summary.json", {"n_lora_modules": 2})
+    run.adapter_dir.mkdir()
+    a = {"x.q_proj.lora_A.weight": torch.zeros(2, 4), "x.q_proj.lora_B.weight": torch.zeros(4, 2)}
+    save_file(a, str(run.adapter_dir / "adapter_model.safetensors"))
+    with pytest.raises(UserError, match="saved 2 LoRA tensors, expected 4"):
+        _check_saved_adapter(run)
+    assert run.status() == "failed: adapter saved incomplete"
+    save_file({**a, "x.k_proj.lora_A.weight": torch.zeros(2, 4), "x.k_proj.lora_B.weight": torch.zeros(4, 2)},
+              str(run.adapter_dir / "adapter_model.safetensors"))
+    _check_saved_adapter(run)  # whole: no error

@@ -60,4 +60,17 @@ def full_state_dict(trainer) -> dict | None:
     """
     if not getattr(trainer, "is_fsdp_enabled", False):
         return None
-    return trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    return {_unwrapped_name(k): v for k, v in state.items()}
+
+
+# Module names that wrappers insert between a model's own: FSDP units, activation-checkpoint wrappers,
+# DDP/compile. A saved adapter must use the model's own names, or peft cannot load it.
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod", "module")
+
+
+def _unwrapped_name(key: str) -> str:
+    parts = key.split(".")
+    while parts and parts[0] in _WRAPPER_SEGMENTS:
+        parts.pop(0)
+    return ".".join(p for i, p in enumerate(parts) if p not in _WRAPPER_SEGMENTS[:3])

@@ -226,6 +226,7 @@ def save(trainer, cfg: Config, run: RunFolder) -> None:
     # Under FSDP the adapter is in shards: gathered here (every process), written by rank 0.
     state_dict = full_state_dict(trainer)
     run.save_adapter(trainer.accelerator.unwrap_model(trainer.model), state_dict=state_dict)
+    _check_saved_adapter(run)
     final_eval, eval_error = None, None
     if trainer.eval_dataset is not None:
         last = [r for r in run.metrics() if "eval_loss" in r]
@@ -266,6 +267,21 @@ def save(trainer, cfg: Config, run: RunFolder) -> None:
                 wandb.finish()
         except ImportError:
             pass
+
+
+def _check_saved_adapter(run: RunFolder) -> None:
+    """The written adapter holds A and B of every LoRA module (a gather that lost names would save none)."""
+    if not run.writer:
+        return
+    from safetensors import safe_open
+
+    modules = (run.read_json("model_summary.json") or {}).get("n_lora_modules")
+    with safe_open(str(run.adapter_dir / "adapter_model.safetensors"), "pt") as f:
+        keys = [k for k in f.keys() if ".lora_A." in k or ".lora_B." in k]
+    if modules and len(keys) != 2 * modules:
+        run.set_status("failed: adapter saved incomplete")
+        raise UserError(f"{run.adapter_dir}: saved {len(keys)} LoRA tensors, expected {2 * modules} (A and B of "
+                        f"{modules} modules); the checkpoints under {run.checkpoints_dir} are kept")
 
 
 # ----------------------------------------------------------------------------- pieces
