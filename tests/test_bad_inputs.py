@@ -36,6 +36,7 @@ CASES = [
     ("config-not-utf8", ["config", "{bad}/latin1.yaml"], ["latin1.yaml", "UTF-8"]),
     ("config-not-a-mapping", ["config", "{bad}/list.yaml"], ["list.yaml:1", "mapping"]),
     ("config-missing-file", ["config", "{bad}/nope.yaml"], ["nope.yaml", "not found"]),
+    ("config-is-a-folder", ["config", "{w}/notarun"], ["notarun", "is a folder"]),
     ("config-two-models", ["config", "{bad}/two_models.yaml"], ["two_models.yaml:1", "exactly one"]),
     ("config-section-scalar", ["config", "{bad}/section_scalar.yaml"], ["section_scalar.yaml:3", "lora"]),
     ("config-rank-negative", ["train", "{bad}/absurd_rank.yaml", "--output-dir", "{w}/new"], ["absurd_rank.yaml:4", "lora.r", ">= 1", "-1"]),
@@ -104,6 +105,14 @@ CASES = [
     ("generate-not-a-run", ["generate", "{w}/notarun", "--prompts", "oasst1_levels", "-o", "{w}/out.jsonl"], ["notarun"]),
     ("compare-not-a-run", ["compare", "{w}/notarun", "-o", "{w}/cmp"], ["notarun"]),
     ("plot-not-a-run", ["plot", "{w}/notarun", "-o", "{w}/loss.png"], ["notarun"]),
+    # --- outputs that exist as the wrong kind
+    ("train-output-dir-is-a-file", TRAIN[:3] + ["{w}/out.jsonl"], ["out.jsonl", "is a file"]),
+    ("compare-output-is-a-file", ["compare", "{w}/run", "-o", "{w}/out.jsonl"], ["out.jsonl", "is a file"]),
+    ("plot-output-is-a-folder", ["plot", "{w}/run", "-o", "{w}/notarun"], ["notarun", "is a folder"]),
+    ("generate-output-is-a-folder", ["generate", "tiny-llama", "--prompts", "oasst1_levels", "-o", "{w}/notarun"],
+     ["notarun", "is a folder"]),
+    ("generate-output-under-a-file",
+     ["generate", "tiny-llama", "--prompts", "oasst1_levels", "-o", "{w}/out.jsonl/g.jsonl"], ["out.jsonl", "is a file"]),
     # --- prompt sets
     ("prompts-none", ["generate", "tiny-llama", "--prompts", "{bad}/no_prompts.yaml", "-o", "{w}/out.jsonl"],
      ["no_prompts.yaml", "no prompts"]),
@@ -119,21 +128,32 @@ CASES = [
 ERROR_LINE = re.compile(r"^qlora-lab[\w -]*: error: ")
 
 
+def _whole_checkpoint(ckpt, step):
+    """The files of a checkpoint --resume accepts as whole, with stand-in contents."""
+    import torch
+    from safetensors.torch import save_file
+
+    ckpt.mkdir(parents=True)
+    (ckpt / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    save_file({"w": torch.zeros(1)}, str(ckpt / "adapter_model.safetensors"))
+    torch.save({"state": {}, "param_groups": []}, ckpt / "optimizer.pt")
+    torch.save({}, ckpt / "scheduler.pt")
+    torch.save({"python": None, "numpy": None, "cpu": torch.zeros(1)}, ckpt / "rng_state.pth")
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
+    (ckpt / "qlora_lab_state.json").write_text(json.dumps({"step": step, "tokens": 100}))
+
+
 def _world(tmp_path):
     """An existing run folder (completed, with a checkpoint), a folder that is not a run, a
     run folder without a complete checkpoint, and an output file a failed command must keep."""
     w = tmp_path / "w"
     run = w / "run"
-    ckpt = run / "checkpoints" / "checkpoint-2"
-    ckpt.mkdir(parents=True)
+    _whole_checkpoint(run / "checkpoints" / "checkpoint-2", 2)
     (run / "config.yaml").write_text(CFG.read_text())
     (run / "status.json").write_text(json.dumps({"status": "interrupted", "step": 2}))
     (run / "env.json").write_text("{}")
     (run / "train.log").write_text("earlier log\n")
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "loss": 4.0}\n')
-    (ckpt / "trainer_state.json").write_text("{}")
-    (ckpt / "adapter_model.safetensors").write_bytes(b"")  # not read: the data error comes first
-    (ckpt / "qlora_lab_state.json").write_text(json.dumps({"step": 2, "tokens": 100}))
     (w / "notarun").mkdir()
     (w / "notarun" / "notes.txt").write_text("just a folder\n")
     (w / "nockpt").mkdir()

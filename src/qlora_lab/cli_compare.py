@@ -27,9 +27,10 @@ def cmd_compare(args) -> int:
 
     from . import report
     from .errors import UserError
+    from .fileio import check_output_folder
 
-    runs = report.read_runs(args.runs)  # fails fast, before any model loads
-    out = Path(args.output_dir)
+    out = check_output_folder(Path(args.output_dir))  # fails fast, before any model loads
+    runs = report.read_runs(args.runs)
     prompts = args.prompts
     if args.generations:
         generations = report.read_jsonl(args.generations)

@@ -27,7 +27,9 @@ def cmd_generate(args) -> int:
     from . import generate
     from .config import load_config
     from .errors import UserError
+    from .fileio import check_output_file
 
+    check_output_file(args.output)  # before any model loads
     config = load_config(args.config) if args.config else None
     targets = generate.targets_for(args.targets, include_base=args.base, config=config)
     gen = generate.generation_config(targets, config, args.overrides)

@@ -195,6 +195,8 @@ _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _con
 def load_config(path, overrides: typing.Sequence[str] = ()) -> Config:
     """Read a YAML config, apply `section.key=value` overrides, validate. Raises ConfigError."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{p}: is a folder; expected a YAML config file")
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
     try:

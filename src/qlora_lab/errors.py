@@ -16,6 +16,11 @@ class DataError(UserError):
     pass
 
 
+class DamagedFileError(UserError):
+    """A file a run wrote is missing, empty, cut short, garbled or of the wrong kind (a disk that
+    filled, a copy cut short, a hand edit). The message names the file and what is wrong."""
+
+
 def where(path, line: int | None = None, field: str | None = None) -> str:
     """'file:line: field' prefix used by every input error."""
     s = str(path)

@@ -24,8 +24,8 @@ from .config import Config, GenerationConfig, from_dict, load_config
 from .errors import UserError
 from .presets import PRESETS
 from .prompts import PromptSet, load_prompts
-from .fileio import atomic_write
-from .report import read_run
+from .fileio import atomic_write, check_adapter
+from .runs import RunFolder
 
 log = logging.getLogger("qlora_lab.generate")
 
@@ -48,19 +48,19 @@ class Target:
 # ----------------------------------------------------------------------------- targets
 
 def run_config(run_dir) -> Config:
-    run = read_run(run_dir)  # UserError if missing / not a run
-    return load_config(run.path / "config.yaml")
+    return RunFolder.open(run_dir).config()  # UserError if missing, not a run, or its config.yaml is damaged
 
 
 def resolve_target(spec, config: Optional[Config] = None) -> Target:
     """A run folder, a config YAML, a preset name, or a hub id / model folder -> Target."""
     s = str(spec)
     p = Path(s)
-    if p.is_dir() and (p / "config.yaml").is_file():
+    if p.is_dir() and ((p / "config.yaml").exists() or (p / "adapter").exists()):
         cfg = run_config(p)
         adapter = p / "adapter"
         if not adapter.is_dir():
             raise UserError(f"{p}: run has no adapter/ folder (training did not finish?)")
+        check_adapter(adapter)  # now, before any model loads
         return Target(label=p.resolve().name, cfg=cfg, adapter=adapter, run_dir=p)
     if p.is_file() and p.suffix in (".yaml", ".yml"):
         return Target(label=BASE_LABEL, cfg=load_config(p))

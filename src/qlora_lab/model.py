@@ -349,12 +349,14 @@ def _numel(p) -> int:
 
 
 def load_adapter(model, adapter_dir):
-    """Attach a saved adapter for inference. Only safetensors are read (never pickle)."""
+    """Attach a saved adapter for inference. Only safetensors are read (never pickle); a damaged
+    adapter file is named in one line (fileio.check_adapter)."""
     from peft import PeftModel
 
+    from .fileio import check_adapter
+
     d = Path(adapter_dir)
-    if not (d / "adapter_model.safetensors").is_file():
-        if any(d.glob("*.bin")) or any(d.glob("*.pt")):
-            raise UserError(f"{d}: adapter is a pickle file (.bin/.pt); only safetensors are loaded")
-        raise UserError(f"{d}: no adapter_model.safetensors here")
+    if not d.is_dir():
+        raise UserError(f"{d}: adapter folder not found")
+    check_adapter(d)
     return PeftModel.from_pretrained(model, str(d), is_trainable=False)

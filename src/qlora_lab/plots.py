@@ -16,7 +16,8 @@ import pandas as pd
 
 from .errors import UserError
 from .fileio import atomic_write
-from .report import read_jsonl, read_run
+from .report import read_jsonl
+from .runs import RunFolder
 
 COLUMNS = ("step", "tokens", "loss", "eval_loss", "learning_rate", "epoch")
 X_AXES = ("step", "tokens")
@@ -58,11 +59,13 @@ def read_metrics(source) -> Curve:
     p = Path(source)
     if p.is_file():
         return Curve(label=p.stem, frame=_frame(read_jsonl(p), str(p)), source=str(p))
-    run = read_run(p)
-    if not run.metrics_path.is_file():
-        raise UserError(f"{run.metrics_path}: run has no metrics (was it trained?)")
-    return Curve(label=run.name, frame=_frame(read_jsonl(run.metrics_path), str(run.metrics_path)),
-                 source=str(p))
+    run = RunFolder.open(p)
+    if not run.metrics_file.exists():
+        raise UserError(f"{run.metrics_file}: run has no metrics (was it trained?)")
+    rows = run.metrics()  # file:line for a garbled line; a last line cut by a crash is left out
+    if not rows:
+        raise UserError(f"{run.metrics_file}: no logged row (empty file)")
+    return Curve(label=p.resolve().name, frame=_frame(rows, str(run.metrics_file)), source=str(p))
 
 
 def wandb_history(path: str, api=None) -> Curve:
@@ -161,6 +164,8 @@ def loss_figure(curves: Sequence[Curve], x: str = "step", smooth: float = 0.6, s
 def save_figure(fig, path, formats: Sequence[str] = ("png", "svg"), dpi: int = 150) -> list[Path]:
     """Save `fig` as path.png and path.svg (or the given formats), each atomically."""
     stem = Path(path)
+    if stem.is_dir():
+        raise UserError(f"{stem}: is a folder; expected an image path such as {stem / 'loss.png'}")
     if stem.suffix.lstrip(".").lower() in ("png", "svg", "pdf"):
         stem = stem.with_suffix("")
     out = []

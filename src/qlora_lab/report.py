@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import pandas as pd
-import yaml
 
 from .errors import UserError
-from .fileio import atomic_write
+from .fileio import atomic_write, read_json
+from .runs import RunFolder
 
 GiB = 1024**3
 # Answers longer than this many characters fold into a <details> block (first part stays visible).
@@ -41,13 +41,8 @@ def read_jsonl(path) -> list[dict]:
 
 
 def _read_json(path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        return {}
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{p}:{e.lineno}: invalid JSON: {e.msg}") from None
+    """A JSON object, {} if the file is not there; a damaged file is a one-line error naming it."""
+    return read_json(path, required=False) or {}
 
 
 # ----------------------------------------------------------------------------- runs
@@ -85,17 +80,12 @@ class Run:
 
 
 def read_run(path) -> Run:
-    """Read a run folder. UserError if it is missing or is not a run folder (no config.yaml)."""
+    """Read a run folder. UserError if it is missing, is not a run folder (no config.yaml), or a
+    file it holds is damaged (named, with what is wrong; metrics.jsonl is checked too)."""
     p = Path(path)
-    if not p.exists():
-        raise UserError(f"{p}: run folder not found")
-    if not p.is_dir() or not (p / "config.yaml").is_file():
-        raise UserError(f"{p}: not a run folder (expected config.yaml, metrics.jsonl, adapter/ "
-                        f"as written by `qlora-lab train`)")
-    try:
-        config = yaml.safe_load((p / "config.yaml").read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{p / 'config.yaml'}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    folder = RunFolder.open(p)
+    config = folder.config_dict()
+    folder.metrics()  # a garbled line is named now, not after `compare` has generated its answers
     return Run(path=p, name=p.resolve().name, config=config,
                model_summary=_read_json(p / "model_summary.json"),
                train_summary=_read_json(p / "train_summary.json"),
@@ -365,9 +355,10 @@ def write_study(out_dir, runs: Sequence, generations=None, prompts=None, title: 
     written["table.md"] = atomic_write(out / "table.md", to_markdown(table, summary, title, notes))
     written["table.html"] = atomic_write(out / "table.html", to_html(table, summary, title, notes))
     for r in runs:
-        if r.metrics_path.is_file():
+        if r.metrics_path.is_file():  # the logged rows, without a last line a crash cut short
             dst = out / "metrics" / f"{r.name.replace('/', '_')}.jsonl"
-            written[f"metrics/{dst.name}"] = atomic_write(dst, r.metrics_path.read_bytes())
+            rows = RunFolder(r.path).metrics()
+            written[f"metrics/{dst.name}"] = atomic_write(dst, "".join(json.dumps(x) + "\n" for x in rows))
     doc = {
         "title": title,
         "provenance": notes,

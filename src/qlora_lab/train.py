@@ -30,6 +30,10 @@ PACKING_SAFE = {"llama"}
 def main(cfg: Config, output_dir=None, resume: bool = False) -> Path:
     run = prepare_run_folder(cfg, output_dir, resume)
     with _Attempt(run), _log_to(run):
+        if run.resume:
+            for _, why in run.resume.skipped:
+                log.warning("checkpoint passed over: %s", why)
+            log.info("resuming from %s (step %d)", run.resume.checkpoint, run.resume.step)
         from transformers import set_seed
 
         set_seed(cfg.train.seed)
@@ -48,15 +52,12 @@ def prepare_run_folder(cfg: Config, output_dir, resume: bool) -> RunFolder:
     name = cfg.train.run_name or (Path(cfg.source).stem if cfg.source and cfg.source.endswith(".yaml") else "run")
     path = Path(output_dir) if output_dir else Path(cfg.train.output_dir) / name
     run = RunFolder(path)
+    run.check_layout()
     run.before = _snapshot(path)  # what bad input must leave as it was (see _Attempt)
     if resume:
         if not run.config_file.is_file():
             raise UserError(f"{path}: --resume needs an existing run folder (no config.yaml here)")
-        last = run.last_checkpoint()
-        if last is None:
-            raise UserError(f"{path}: --resume found no complete checkpoint under {run.checkpoints_dir}")
-        if not (last / "adapter_model.safetensors").is_file():  # never unpickle adapter weights
-            raise UserError(f"{last}: no adapter_model.safetensors (a pickle adapter .bin/.pt is not loaded)")
+        run.resume = run.resume_point()  # the newest whole checkpoint; never unpickles
     elif run.metrics_file.exists() or run.checkpoints():
         raise UserError(f"{path}: already holds a run; pass --resume to continue it or choose --output-dir")
     if is_main_process():  # data-parallel runs write one run folder, from rank 0
@@ -189,12 +190,13 @@ def train(trainer, cfg: Config, run: RunFolder, resume: bool) -> None:
     run.started = True
     checkpoint = None
     if resume:
-        checkpoint = run.last_checkpoint()
-        step = int(checkpoint.name.split("-")[1])
-        run.truncate_metrics(step)
-        state = RunFolder(checkpoint).read_json(STATE_FILE) or {}
-        trainer.resume_tokens(int(state.get("tokens", 0)))
-        log.info("resuming from %s (step %d)", checkpoint, step)
+        point = run.resume or run.resume_point()
+        checkpoint = point.checkpoint
+        if run.writer:
+            for d, _ in point.skipped:  # set aside, so that no later save writes into a damaged folder
+                log.info("%s set aside as %s", d, run.set_aside(d).name)
+        run.truncate_metrics(point.step)
+        trainer.resume_tokens(point.tokens)
     stop = _GracefulStop()
     trainer.graceful_stop = stop
     t0 = time.perf_counter()
