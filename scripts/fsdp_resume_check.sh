@@ -22,7 +22,7 @@ t0=$(date +%s)
 setsid "${train[@]}" >"$OUT/first.log" 2>&1 &
 pid=$!
 while kill -0 $pid 2>/dev/null && [ ! -f "$W/run/checkpoints/checkpoint-6/qlora_lab_state.json" ]; do sleep 0.2; done
-kill -9 -- -$pid 2>/dev/null; wait $pid; echo "first run killed after checkpoint-6 ($(( $(date +%s) - t0 )) s)" | tee "$OUT/summary.txt"
+pkill -9 -f "qlora_lab.cli train" ; kill -9 -- -$pid 2>/dev/null; wait $pid;  # the launcher and its workers echo "first run killed after checkpoint-6 ($(( $(date +%s) - t0 )) s)" | tee "$OUT/summary.txt"
 ls -R "$W/run/checkpoints" > "$OUT/checkpoints_after_kill.txt"
 cat "$W/run/status.json" >> "$OUT/summary.txt"
 "${train[@]}" --resume >"$OUT/resume.log" 2>&1; echo "resume exit $?" | tee -a "$OUT/summary.txt"

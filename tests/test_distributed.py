@@ -163,3 +163,33 @@ def test_gathered_state_dict_names_are_the_models_own():
     assert _unwrapped_name("module.base_model.model.model.layers.0._checkpoint_wrapped_module."
                            "self_attn.q_proj.lora_A.default.weight") == own
     assert _unwrapped_name("base_model.model.model.embed_tokens.module.weight").endswith("embed_tokens.module.weight")
+
+
+def test_an_adapter_written_from_a_gathered_state_dict_loads_in_stock_peft(tmp_path):
+    """FSDP's save path (write_adapter) against peft's own save: the same file, loadable by PeftModel."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from qlora_lab.config import load_config
+    from qlora_lab.distributed import write_adapter
+    from qlora_lab.model import add_lora, load_model
+
+    cfg = load_config(CONFIGS / "tiny_llama_lora.yaml")
+    model, _, _ = load_model(cfg, for_training=True)
+    model, _ = add_lora(model, cfg, False)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    model.save_pretrained(str(tmp_path / "peft"), safe_serialization=True)
+    n = write_adapter(model, model.state_dict(), tmp_path / "ours")
+    ref, got = load_file(str(tmp_path / "peft" / "adapter_model.safetensors")), \
+        load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
+    assert n == len(ref) > 0 and got.keys() == ref.keys()
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+    base, tok, _ = load_model(cfg)
+    loaded = PeftModel.from_pretrained(base, str(tmp_path / "ours"))
+    x = torch.randint(4, 200, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=x).logits, model.eval()(input_ids=x).logits)

@@ -74,3 +74,30 @@ def _unwrapped_name(key: str) -> str:
     while parts and parts[0] in _WRAPPER_SEGMENTS:
         parts.pop(0)
     return ".".join(p for i, p in enumerate(parts) if p not in _WRAPPER_SEGMENTS[:3])
+
+
+def write_adapter(model, state_dict: dict, out_dir, adapter: str = "default") -> int:
+    """Write a peft adapter folder (adapter_model.safetensors + adapter_config.json) from a gathered full
+    state dict; returns the tensor count.
+
+    peft's own save_pretrained(state_dict=...) picks the adapter's entries by the module names of the model
+    it is given, and under FSDP those carry `_fsdp_wrapped_module` inside (one unit per decoder layer and per
+    LoRA layer), so it keeps none of them (seen on 2 H200s: 0 tensors saved). The keys are the model's own
+    here (full_state_dict), so the LoRA entries are picked by name, in peft's layout (adapter name removed).
+    """
+    import copy
+    import re
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    pattern = re.compile(rf"\.(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector)\.{re.escape(adapter)}(\.|$)")
+    tensors = {pattern.sub(lambda m: f".{m.group(1)}{m.group(2)}", k).rstrip("."): v.detach().cpu().contiguous()
+               for k, v in state_dict.items() if pattern.search(k)}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = copy.deepcopy(model.peft_config[adapter])
+    config.inference_mode = True
+    config.save_pretrained(str(out))
+    return len(tensors)

@@ -252,15 +252,19 @@ class RunFolder:
     def save_adapter(self, model, state_dict: dict | None = None) -> None:
         """Write the adapter to a temp folder, then swap it in: a failed save keeps the old one.
 
-        state_dict: the model's full state dict when the model itself holds only shards (FSDP);
-        peft keeps its adapter's entries.
+        state_dict: the model's full state dict when the model itself holds only shards (FSDP):
+        its LoRA entries are written (distributed.write_adapter).
         """
         if not self.writer:
             return
         tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=self.path))
         try:
-            extra = {} if state_dict is None else {"state_dict": state_dict}
-            model.save_pretrained(str(tmp), safe_serialization=True, **extra)
+            if state_dict is None:
+                model.save_pretrained(str(tmp), safe_serialization=True)
+            else:
+                from .distributed import write_adapter
+
+                write_adapter(model, state_dict, tmp)
             old = self.path / ".adapter.old"
             if self.adapter_dir.exists():
                 os.replace(self.adapter_dir, old)

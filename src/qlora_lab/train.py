@@ -439,10 +439,17 @@ class _RunCallback(_HFCallback):
 
     def on_save(self, args, state, control, **kwargs):
         self.trainer.sync_tokens()
+        # Under FSDP the Trainer's checkpoint adapter comes out empty (distributed.write_adapter says why):
+        # gathered (every process) and written again, before the checkpoint is marked complete.
+        full = full_state_dict(self.trainer)
         if not state.is_world_process_zero:
             return
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if ckpt.is_dir():
+            if full is not None:
+                from .distributed import write_adapter
+
+                write_adapter(self.trainer.accelerator.unwrap_model(self.trainer.model), full, ckpt)
             atomic_write_json(ckpt / STATE_FILE, {"step": state.global_step, "tokens": self.trainer.tokens_trained})
 
 
