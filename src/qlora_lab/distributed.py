@@ -101,3 +101,33 @@ def write_adapter(model, state_dict: dict, out_dir, adapter: str = "default") ->
     config.inference_mode = True
     config.save_pretrained(str(out))
     return len(tensors)
+
+
+def load_adapter_into_shards(model, adapter_file, adapter: str = "default") -> int:
+    """Copy a saved adapter (peft's layout) into an FSDP-wrapped model, on every process; returns the count.
+
+    Inside summon_full_params each process sees the whole parameters under the model's own names and
+    writes its shard back. Every adapter tensor must find its parameter, or this raises.
+    """
+    import re
+
+    import torch
+    from safetensors.torch import load_file
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    saved = load_file(str(adapter_file))
+    pattern = re.compile(rf"\.(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector)\.{re.escape(adapter)}(\.|$)")
+    done = set()
+    with FSDP.summon_full_params(model, writeback=True), torch.no_grad():
+        for name, p in model.named_parameters():
+            key = pattern.sub(lambda m: f".{m.group(1)}{m.group(2)}", _unwrapped_name(name)).rstrip(".")
+            if key in saved:
+                p.copy_(saved[key].to(p.device, p.dtype))
+                done.add(key)
+    missing = set(saved) - done
+    if missing:
+        from .errors import UserError
+
+        raise UserError(f"{adapter_file}: {len(missing)} adapter tensors match no parameter of the model "
+                        f"(e.g. {sorted(missing)[0]})")
+    return len(done)

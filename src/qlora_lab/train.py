@@ -197,6 +197,8 @@ def train(trainer, cfg: Config, run: RunFolder, resume: bool) -> None:
                 log.info("%s set aside as %s", d, run.set_aside(d).name)
         run.truncate_metrics(point.step)
         trainer.resume_tokens(point.tokens)
+        if getattr(trainer, "is_fsdp_enabled", False):
+            trainer.fsdp_resume_adapter = checkpoint / "adapter_model.safetensors"
     stop = _GracefulStop()
     trainer.graceful_stop = stop
     t0 = time.perf_counter()
@@ -436,6 +438,16 @@ class _RunCallback(_HFCallback):
         if stop is not None and stop.signum is not None and self.failure is None:
             control.should_save = True
             control.should_training_stop = True
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # Under FSDP the Trainer's resume left the adapter at its initial values (2 H200s: the loss went
+        # back to the untrained 11.1 after --resume); the checkpoint's adapter is loaded into the shards.
+        path = getattr(self.trainer, "fsdp_resume_adapter", None)
+        if path is not None:
+            from .distributed import load_adapter_into_shards
+
+            n = load_adapter_into_shards(self.trainer.model_wrapped, path)
+            log.info("FSDP resume: %d adapter tensors loaded from %s", n, path)
 
     def on_save(self, args, state, control, **kwargs):
         self.trainer.sync_tokens()
