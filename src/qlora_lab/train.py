@@ -28,6 +28,9 @@ PACKING_SAFE = {"llama"}
 
 
 def main(cfg: Config, output_dir=None, resume: bool = False) -> Path:
+    from .data import check_data_files
+
+    check_data_files(cfg)  # before the run folder: a missing or empty data file leaves nothing behind
     run = prepare_run_folder(cfg, output_dir, resume)
     with _Attempt(run), _log_to(run):
         from transformers import set_seed
