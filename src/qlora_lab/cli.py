@@ -5,8 +5,12 @@ Errors a user can fix (UserError) print one line and exit with code 2; no traceb
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+
+# Verbs that load models: library warnings go to a log file (train.log, ...), not the console.
+QUIET_LIBRARIES = {"train", "generate", "compare", "demo"}
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -109,12 +113,15 @@ def _try_add(sub, name: str) -> None:
 
 
 def main(argv=None) -> int:
+    from . import console
     from .errors import UserError
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    quiet = args.verb in QUIET_LIBRARIES
     try:
-        return int(args.func(args) or 0)
+        with console.library_output() if quiet else contextlib.nullcontext():
+            return int(args.func(args) or 0)
     except UserError as e:
         print(f"qlora-lab: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -162,7 +162,7 @@ def run_study(configs, study_dir, overrides=(), prompts=None, runs_dir=None, pro
 
 
 def run_demo(out_dir="qlora-lab-demo", steps: Optional[int] = None, progress: bool = True) -> DemoResult:
-    from . import generate, plots, report, train
+    from . import console, generate, plots, report, train
     from .data.lima import prepare_lima
 
     t0 = time.perf_counter()
@@ -183,7 +183,8 @@ def run_demo(out_dir="qlora-lab-demo", steps: Optional[int] = None, progress: bo
     answers = {f"demo-{i}": a for i, (_, a) in enumerate(pairs)}
     targets = generate.targets_for([runs[m] for m in METHODS], include_base=True)
     gen = GenerationConfig(**DEMO_CONFIG["generation"])
-    rows = generate.run(targets, prompts, gen, progress=progress)
+    with console.log_file(out / "generate.log"):  # library warnings of this part; training's are in train.log
+        rows = generate.run(targets, prompts, gen, progress=progress)
     share, counts = exact_match(rows, answers)
     label = {t.adapter and t.run_dir.resolve(): t.label for t in targets}
     exact = {"base": share["base"], **{m: share[label[runs[m].resolve()]] for m in METHODS}}
