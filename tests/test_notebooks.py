@@ -62,7 +62,7 @@ def test_falcon_notebook_trains_a_tiny_twin(tmp_path):
     nb, text = execute("01_falcon7b_oasst1_qlora.ipynb", tmp_path, CONFIGS=["configs/tiny_falcon_qlora.yaml"],
                        OVERRIDES=TINY, RUN_TRAINING=True, STUDY_DIR=str(tmp_path / "study"),
                        RUNS_DIR=str(tmp_path / "runs"))
-    assert "tiny_falcon_qlora: QLORA fine-tune of tiny-falcon with random weights" in text
+    assert "tiny_falcon_qlora: QLoRA fine-tune of tiny-falcon with random weights (tiny twin" in text
     assert "<h3>Answers</h3>" in text and "What is the capital of France?" in text and "<PNG>" in text
     assert (tmp_path / "study" / "loss.svg").is_file() and (tmp_path / "runs" / "tiny_falcon_qlora" / "adapter").is_dir()
     assert not list((tmp_path / "study").rglob("*.safetensors"))  # no weights in a study folder

@@ -208,6 +208,7 @@ def run(targets: Sequence[Target], prompts, gen: GenerationConfig, out=None,
                     "prompt_set": ps.name, "prompt_id": p.id, "level": p.level, "prompt": p.prompt,
                     "answer": a["answer"], "new_tokens": a["new_tokens"], "stopped": a["stopped"],
                     "generation": dataclasses.asdict(gen),
+                    **({"expected": p.expected} if p.expected is not None else {}),
                 })
             if t.adapter is not None:
                 model = m.unload()  # take the adapter's layers out again; the base is unchanged
