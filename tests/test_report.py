@@ -165,7 +165,8 @@ def test_expected_answers_become_a_column_after_the_prompt(tmp_path):
     assert list(df.columns) == ["level", "prompt", "expected", "base", "q"]
     assert list(df["level"]) == ["Fact", "Number"] and list(df["expected"]) == ["Paris.", "Eight."]
     md = report.to_markdown(df)
-    assert "| level | prompt | expected | base | q |" in md and "| Fact | Capital of France? | Paris. | base: f | q: f |" in md
+    assert "| level | prompt | expected | base | q |" in md
+    assert "| Fact | Capital of France? | Paris. | base: f | q: f |" in md
     assert "<th>level</th><th>prompt</th><th>expected</th><th>base</th><th>q</th>" in report.to_html(df)
     assert "expected" not in report.comparison_table(gen_rows(), "oasst1_levels").columns  # none: no column
 

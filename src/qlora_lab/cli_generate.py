@@ -14,7 +14,8 @@ def add_parser(sub) -> None:
                    help="prompt set: packaged name (oasst1_levels, lima_examples) or YAML file; "
                         "default: the config's generation.prompts")
     p.add_argument("-o", "--output", default="generations.jsonl",
-                   help="JSONL to write (default: %(default)s); library warnings, if any, go to OUTPUT with suffix .log")
+                   help="JSONL to write (default: %(default)s); library warnings, if any, go to the same "
+                        "path with suffix .log")
     p.add_argument("--base", action="store_true", help="also answer with the runs' base model (no adapter)")
     p.add_argument("--config", default=None,
                    help="config YAML whose generation section (and, for a bare model, quantization) to use")
