@@ -18,6 +18,16 @@ def test_shipped_demo_set_is_lima_format_and_big_enough():
     assert len({q for q, _ in pairs}) == len(pairs)
 
 
+def test_demo_prompts_carry_levels_from_the_data_and_the_expected_answers():
+    ps = demo.demo_prompts()
+    assert [(p.prompt, p.expected) for p in ps] == demo.demo_pairs()
+    assert {p.level for p in ps} == set(demo.LEVELS) and ps.levels == demo.LEVELS
+    by_prompt = {p.prompt: p.level for p in ps}
+    assert by_prompt["What is the capital of France?"] == "Fact"
+    assert by_prompt["How many legs does a spider have?"] == "Number"
+    assert by_prompt["What is reinforcement learning?"] == "Concept"
+
+
 def test_demo_configs_differ_only_in_quantization(tmp_path):
     q, l = demo.demo_config("qlora", tmp_path / "x.jsonl"), demo.demo_config("lora", tmp_path / "x.jsonl")
     dq, dl = q.to_dict(), l.to_dict()
@@ -58,7 +68,12 @@ def test_demo_learns_and_writes_everything(tmp_path):
     lora = [x for x in rows if x["model"] == "tiny_llama_lora"]
     assert sum(x["answer"] == answers[x["prompt"]] for x in lora) == info["exact_counts"]["lora"]
     md = (out / "table.md").read_text()
-    assert "| demo | What is the capital of France? |" in md and "The capital of France is Paris." in md
+    assert "| level | prompt | expected | base | tiny_llama_qlora | tiny_llama_lora |" in md
+    assert "| Fact | What is the capital of France? | The capital of France is Paris. |" in md
+    assert "| Concept | What is reinforcement learning? |" in md and "| demo |" not in md
+    assert "The base model (tiny-llama) has random weights" in md
+    assert "LoRA (float32 base)" in (out / "loss.svg").read_text()  # the dtype computed in on a CPU
+    assert (out / "runs" / "tiny_llama_qlora" / "train.log").is_file()
     # running it again replaces its own folder
     assert run_cli("demo", "-o", out, "--steps", "1", "--no-progress").returncode in (0, 1)
     assert json.loads((out / demo.MARKER).read_text())["runs"]

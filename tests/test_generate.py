@@ -29,6 +29,7 @@ def test_generate_cli_base_and_run_with_study_defaults(tiny_run, tmp_path):
     r = run_cli("generate", tiny_run, "--base", "--prompts", "lima_examples", "-o", out,
                 "--set", "generation.max_new_tokens=8", "--set", "generation.batch_size=4", "--no-progress")
     assert r.returncode == 0, r.stderr
+    assert r.stderr == ""  # library warnings (loading, peft, bitsandbytes) went to g.log, not the console
     rows = _rows(out)
     assert [x["model"] for x in rows] == ["base"] * 6 + ["tiny_llama_lora"] * 6
     assert rows[0]["adapter"] is None and rows[6]["adapter"].endswith("adapter")
@@ -98,8 +99,9 @@ def test_bad_input_is_one_line_exit_2(case, tiny_run, tmp_path):
 
 def test_compare_cli_generates_base_and_runs(tiny_run, tmp_path):
     r = run_cli("compare", tiny_run, "--prompts", "oasst1_levels", "-o", tmp_path / "cmp",
-                "--set", "generation.max_new_tokens=4", "--no-progress")
+                "--set", "generation.max_new_tokens=4")
     assert r.returncode == 0, r.stderr
+    assert r.stderr == ""  # stderr is a pipe: no progress bar fragments, no library warnings
     md = (tmp_path / "cmp" / "table.md").read_text()
     assert "| level | prompt | base | tiny_llama_lora |" in md and "| Easy | What is the capital of France? |" in md
     html = (tmp_path / "cmp" / "table.html").read_text()

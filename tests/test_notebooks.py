@@ -3,6 +3,7 @@ may hold no results yet) and with tiny parameters that train for a few steps."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -61,7 +62,7 @@ def test_falcon_notebook_trains_a_tiny_twin(tmp_path):
     nb, text = execute("01_falcon7b_oasst1_qlora.ipynb", tmp_path, CONFIGS=["configs/tiny_falcon_qlora.yaml"],
                        OVERRIDES=TINY, RUN_TRAINING=True, STUDY_DIR=str(tmp_path / "study"),
                        RUNS_DIR=str(tmp_path / "runs"))
-    assert "tiny_falcon_qlora: QLORA fine-tune of tiny-falcon with random weights" in text
+    assert "tiny_falcon_qlora: QLoRA fine-tune of tiny-falcon with random weights (tiny twin" in text
     assert "<h3>Answers</h3>" in text and "What is the capital of France?" in text and "<PNG>" in text
     assert (tmp_path / "study" / "loss.svg").is_file() and (tmp_path / "runs" / "tiny_falcon_qlora" / "adapter").is_dir()
     assert not list((tmp_path / "study").rglob("*.safetensors"))  # no weights in a study folder
@@ -85,3 +86,75 @@ def test_loss_curve_notebook(tmp_path):
     assert "<PNG>" in text and "No results committed yet" in text and "Produced by" in text
     nb, text = execute("03_loss_curves.ipynb", tmp_path, STUDY_DIRS=[str(tmp_path / "none")])
     assert "Nothing to plot yet" in text and "<PNG>" not in text
+
+
+def _colab_cell() -> str:
+    cells = [[c for c in json.loads((NOTEBOOKS / n).read_text())["cells"] if c["cell_type"] == "code"][0]
+             for n in sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))]
+    sources = {"".join(c["source"]) for c in cells}
+    assert len(sources) == 1, "every notebook starts with the same Colab cell"
+    return sources.pop()
+
+
+# Stands in for `python -m pip install`: records its arguments and the constraints file it was given.
+_PIP = """import json, sys
+args = sys.argv[1:]
+c = args[args.index("-c") + 1] if "-c" in args else None
+with open(sys.argv[0] + ".calls", "a") as f:
+    f.write(json.dumps({"args": args, "constraints": open(c).read() if c else None}) + "\\n")
+"""
+
+
+def test_colab_cell_imports_the_package_in_the_same_kernel_and_runs_twice(tmp_path, monkeypatch):
+    """The first cell, run twice in one fresh kernel that looks like Colab (a stand-in google.colab module),
+    cloning this repo's committed HEAD instead of GitHub, with pip replaced by a recorder (offline). Then
+    `import qlora_lab` in the same kernel must find the clone's code, with no restart."""
+    import shlex
+    import subprocess
+    import sys
+
+    nbclient = pytest.importorskip("nbclient")
+    nbformat = pytest.importorskip("nbformat")
+    if subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout: nothing to clone")
+    fake = tmp_path / "fake"
+    (fake / "google" / "colab").mkdir(parents=True)  # a namespace `google`, as the real one beside protobuf
+    (fake / "google" / "colab" / "__init__.py").write_text("")
+    pip = tmp_path / "pip.py"
+    pip.write_text(_PIP)
+    content = tmp_path / "content"
+    content.mkdir()
+    clone = content / "qlora-lab"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(fake), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("QLORA_LAB_REPO", str(ROOT))
+    monkeypatch.setenv("QLORA_LAB_DIR", str(clone))
+    monkeypatch.setenv("QLORA_LAB_PIP", shlex.join([sys.executable, str(pip)]))
+    cell = _colab_cell()
+    check = "import os, qlora_lab\nprint(qlora_lab.__file__)\nprint(os.getcwd())"
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(cell), nbformat.v4.new_code_cell(cell),
+                                         nbformat.v4.new_code_cell(check)])
+    nbclient.NotebookClient(nb, kernel_name="python3", timeout=300,
+                            resources={"metadata": {"path": str(content)}}).execute()
+    out = "".join(o.get("text", "") for o in nb.cells[2].outputs).split()
+    assert out[0].startswith(str(clone / "src" / "qlora_lab")), out  # the clone's code, in the same kernel
+    assert out[1] == str(clone)                                       # paths relative to the repo root work
+    calls = [json.loads(line) for line in (tmp_path / "pip.py.calls").read_text().splitlines()]
+    assert len(calls) == 4  # two runs: requirements, then the package, each time
+    for reqs, package in (calls[:2], calls[2:]):
+        assert reqs["args"][:2] == ["-r", str(clone / "requirements-colab.txt")]
+        assert "torch==" in reqs["constraints"] and "ipykernel==" in reqs["constraints"]
+        assert package["args"] == ["--no-deps", str(clone)]  # not editable: no new interpreter needed
+
+
+def test_colab_requirements_add_only_what_colab_lacks():
+    """requirements-colab.txt: the package's own ranges, never a package Colab's runtime is built on."""
+    import re
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    ranges = {re.match(r"[\w-]+", d).group(): d for d in deps["dependencies"] + deps["optional-dependencies"]["gpu"]}
+    lines = [l for l in (ROOT / "requirements-colab.txt").read_text().splitlines() if l and not l.startswith("#")]
+    names = [re.match(r"[\w-]+", l).group() for l in lines]
+    assert not set(names) & {"torch", "numpy", "pandas", "matplotlib", "pyyaml", "ipykernel"}
+    assert {"peft", "bitsandbytes", "trl", "transformers"} <= set(names)
+    assert all(l == ranges[n] for l, n in zip(lines, names)), "a range differs from pyproject.toml"

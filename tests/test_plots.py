@@ -19,11 +19,29 @@ def test_metrics_become_curves_with_train_and_eval_rows(tmp_path):
     assert c.frame["step"].is_monotonic_increasing
 
 
-def test_ema_is_debiased_and_smooths():
-    assert plots.ema([2.0, 2.0, 2.0], 0.9).tolist() == pytest.approx([2.0, 2.0, 2.0])
+def test_smoothing_keeps_level_smooths_noise_and_does_not_lag():
+    assert plots.smooth_curve([2.0, 2.0, 2.0], 0.9).tolist() == pytest.approx([2.0, 2.0, 2.0])
     noisy = np.array([1.0, 3.0] * 50)
-    assert plots.ema(noisy, 0.9)[10:].std() < noisy.std() / 3
-    assert plots.ema([1.0, 2.0], 0).tolist() == [1.0, 2.0]
+    assert plots.smooth_curve(noisy, 0.9)[10:-10].std() < noisy.std() / 3
+    assert plots.smooth_curve([1.0, 2.0], 0).tolist() == [1.0, 2.0]
+    line = np.linspace(5.0, 1.0, 40)  # a falling straight line: a centred window leaves it where it is
+    assert plots.smooth_curve(line, 0.9) == pytest.approx(line)
+
+
+def test_five_step_run_integer_ticks_and_line_ends_at_last_loss(tmp_path):
+    """A 5-step run: ticks at whole steps only, the smoothed line starts and ends on real losses."""
+    losses = [5.98, 5.742, 5.284, 4.91, 4.77]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps({"step": i + 1, "loss": v}) + "\n"
+                                              for i, v in enumerate(losses)))
+    fig = plots.loss_figure(plots.load_curves([tmp_path / "m.jsonl"]), smooth=0.6)
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    smoothed = next(l for l in ax.get_lines() if "smoothed" in l.get_label())
+    y = smoothed.get_ydata()
+    assert y[0] == pytest.approx(losses[0]) and y[-1] == pytest.approx(losses[-1])
+    assert all(min(losses) <= v <= max(losses) for v in y)
 
 
 def test_loss_figure_overlays_runs_in_steps_and_tokens(tmp_path):
@@ -31,7 +49,8 @@ def test_loss_figure_overlays_runs_in_steps_and_tokens(tmp_path):
     fig = plots.loss_figure(curves, x="step", smooth=0.6)
     ax = fig.axes[0]
     labels = [l.get_label() for l in ax.get_lines() if not l.get_label().startswith("_")]
-    assert labels == ["qlora_run train (EMA 0.6)", "qlora_run eval", "lora_run train (EMA 0.6)", "lora_run eval"]
+    assert labels == ["qlora_run train (smoothed 0.6)", "qlora_run eval", "lora_run train (smoothed 0.6)",
+                      "lora_run eval"]
     assert len(ax.get_lines()) == 6  # plus two faint raw curves
     fig = plots.loss_figure(curves, x="tokens", smooth=0)
     assert fig.axes[0].get_xlabel() == "trained tokens"

@@ -58,12 +58,14 @@ def test_read_run_and_summary_table(tmp_path):
     a, b = make_run(tmp_path, "q", "qlora"), make_run(tmp_path, "l", "lora", seed=1)
     df = report.summary_table([a, b])
     assert list(df.index) == ["q", "l"]
-    assert df.loc["q", "method"] == "qlora" and df.loc["l", "method"] == "lora"
+    assert df.loc["q", "method"] == "QLoRA" and df.loc["l", "method"] == "LoRA"
     assert df.loc["q", "trainable params"] == "1,234,567"
+    assert df.loc["l", "quantization"] == "none (float32)"  # the dtype it computed in, not '16-bit'
     assert df.loc["q", "peak memory"] == "3.00 GiB" and df.loc["l", "peak memory"] == "n/a (CPU)"
     assert df.loc["q", "train time"] == "75.5 s"
     assert df.loc["q", "device"] == "NVIDIA H100 80GB HBM3"
     raw = report.summary_table([a, b], formatted=False)
+    assert raw.loc["q", "method"] == "qlora"
     ts = json.loads((a / "train_summary.json").read_text())
     assert math.isclose(raw.loc["q", "final train loss"], ts["final_train_loss"])
     assert raw.loc["q", "trainable %"] == pytest.approx(12.34567)
@@ -96,7 +98,8 @@ def test_markdown_and_html_keep_long_answers_readable():
     table_lines = [l for l in md.splitlines() if l.startswith("| ")]
     assert len(table_lines) == 1 + 9  # header + one line per prompt: newlines became <br>
     assert all(l.count(" | ") == 3 for l in table_lines[1:])  # level, prompt, base, a: pipes escaped
-    assert "<details><summary>" in md and "&lt;b&gt;" in md and "\\|" in md and "<br>second line" in md
+    assert "<details><summary>" in md and "\\<b>pipe & tag\\</b>" in md and "\\|" in md and "<br>second line" in md
+    assert "&lt;" not in md and "&amp;" not in md  # Markdown escapes, not HTML entities
     html = report.to_html(df, title="T")
     assert html.count("<details>") == 9 and "white-space:pre-wrap" in html
     assert "&lt;b&gt;pipe &amp; tag&lt;/b&gt;" in html and "<b>pipe" not in html
@@ -115,7 +118,10 @@ def test_write_and_load_study(tmp_path):
     assert not list(out.glob(".*tmp"))  # atomic writes leave no temp files
     s = report.load_study(out)
     assert s.available and set(s.metrics) == {"q", "l"}
-    assert "H100" in s.message and "tiny-llama with random weights" in s.message
+    assert "H100" in s.message and "tiny-llama with random weights (tiny twin" in s.message
+    assert "QLoRA fine-tune" in s.message and "LoRA fine-tune" in s.message and "real shape" not in s.message
+    caption = "The base model (tiny-llama) has random weights"
+    assert f"*{caption}" in s.markdown and f"<caption>{caption}" in s.html
     assert s.summary["runs"]["q"]["method"] == "qlora"
     assert "| Easy | What is the capital of France? |" in s.markdown
     assert s._repr_html_().count("<tr>") >= 9
@@ -132,3 +138,43 @@ def test_compare_cli_with_saved_generations(tmp_path):
     r = run_cli("compare", tmp_path / "missing", "--generations", g)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
     assert "missing: run folder not found" in r.stderr
+
+
+def test_generated_control_characters_and_bad_bytes_show_as_escapes():
+    """A random model's bytes: a bell, an escape, a NUL and U+FFFD (what an undecodable byte becomes)."""
+    raw = "ok\x07 \x1b[31m\x00 \ufffd\ufffd >> <x> a|b\r\nnext"
+    rows = gen_rows(models=("base",), answer=lambda m, p: raw)
+    df = report.comparison_table(rows, "oasst1_levels")
+    md, page = report.to_markdown(df), report.to_html(df)
+    for text in (md, page):
+        assert "\\x07" in text and "\\x1b[31m" in text and "\\x00" in text and "\\ufffd\\ufffd" in text
+        assert not any(c in text for c in "\x07\x1b\x00\ufffd\r")
+    assert "ok\\x07 \\x1b[31m\\x00 \\ufffd\\ufffd >> \\<x> a\\|b<br>next" in md  # `>>` stays `>>`
+    assert "&gt;&gt; &lt;x&gt; a|b\nnext" in page
+
+
+def test_expected_answers_become_a_column_after_the_prompt(tmp_path):
+    from qlora_lab.prompts import Prompt, PromptSet
+
+    ps = PromptSet(name="t", source="t", levels=("Fact", "Number"), prompts=(
+        Prompt(id="n", prompt="How many legs does a spider have?", level="Number", expected="Eight."),
+        Prompt(id="f", prompt="Capital of France?", level="Fact", expected="Paris.")))
+    rows = [{"model": m, "adapter": None if m == "base" else "a", "prompt_id": p.id, "level": p.level,
+             "prompt": p.prompt, "answer": f"{m}: {p.id}"} for m in ("base", "q") for p in ps]
+    df = report.comparison_table(rows, ps)
+    assert list(df.columns) == ["level", "prompt", "expected", "base", "q"]
+    assert list(df["level"]) == ["Fact", "Number"] and list(df["expected"]) == ["Paris.", "Eight."]
+    md = report.to_markdown(df)
+    assert "| level | prompt | expected | base | q |" in md
+    assert "| Fact | Capital of France? | Paris. | base: f | q: f |" in md
+    assert "<th>level</th><th>prompt</th><th>expected</th><th>base</th><th>q</th>" in report.to_html(df)
+    assert "expected" not in report.comparison_table(gen_rows(), "oasst1_levels").columns  # none: no column
+
+
+def test_study_provenance_names_real_shapes_only_for_7b_presets(tmp_path):
+    a = make_run(tmp_path, "q", "qlora")
+    cfg = yaml.safe_load((a / "config.yaml").read_text())
+    cfg["model"]["random_init"], cfg["train"]["max_steps"] = "llama2-7b", 1200
+    (a / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (line,) = report.provenance([a])
+    assert "QLoRA fine-tune of llama2-7b with random weights (real shape, meaningless text), 1,200 steps" in line

@@ -5,8 +5,12 @@ Errors a user can fix (UserError) print one line and exit with code 2; no traceb
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+
+# Verbs that load models: library warnings go to a log file (train.log, ...), not the console.
+QUIET_LIBRARIES = {"train", "generate", "compare", "demo"}
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -55,10 +59,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
     from .presets import PRESETS
 
     parser = _Parser(
         prog="qlora-lab", description="QLoRA vs LoRA fine-tuning of 7B models: data, train, generate, compare, plot, bench.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
 
@@ -70,11 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("make-model", help="write a random-weight checkpoint of a preset shape to a folder",
-                       description="Write a random-init model (real architecture and shape, random weights) "
-                                   "with a byte-level tokenizer, loadable with from_pretrained.")
-    p.add_argument("preset", choices=PRESETS)
-    p.add_argument("out_dir")
-    p.add_argument("--seed", type=int, default=0)
+                       description="Write a random-init model (a real architecture: the 7B presets in their "
+                                   "published shape, the tiny ones with a few small layers; random weights) with a "
+                                   "byte-level tokenizer, loadable with from_pretrained.")
+    p.add_argument("preset", choices=PRESETS, help="model shape: the real 7B shapes or their tiny CPU twins")
+    p.add_argument("out_dir", help="folder to write (config.json, safetensors weights, tokenizer); "
+                                   "left as it is if it already holds a random-init model")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random weights: the same seed gives the same model (default: %(default)s)")
     p.set_defaults(func=cmd_make_model)
 
     p = sub.add_parser("config", help="print a config after overrides and validation",
@@ -107,12 +116,15 @@ def _try_add(sub, name: str) -> None:
 
 
 def main(argv=None) -> int:
+    from . import console
     from .errors import UserError
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    quiet = args.verb in QUIET_LIBRARIES
     try:
-        return int(args.func(args) or 0)
+        with console.library_output() if quiet else contextlib.nullcontext():
+            return int(args.func(args) or 0)
     except UserError as e:
         print(f"qlora-lab: error: {e}", file=sys.stderr)
         return e.exit_code

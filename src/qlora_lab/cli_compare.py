@@ -6,7 +6,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "compare", help="side-by-side table of answers (base vs each run) and run summaries",
         description="Answer a prompt set with the runs' base model and each run (or reuse --generations), "
-                    "then write OUT_DIR/table.md, table.html, summary.json, generations.jsonl, metrics/.")
+                    "then write OUT_DIR/table.md, table.html, summary.json, generations.jsonl, metrics/ "
+                    "(and compare.log when the libraries warned about something).")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders written by `qlora-lab train`")
     p.add_argument("--prompts", default=None,
                    help="prompt set: packaged name or YAML file; default: the first run's generation.prompts")
@@ -35,7 +36,7 @@ def cmd_compare(args) -> int:
     if args.generations:
         generations = report.read_jsonl(args.generations)
     else:
-        from . import generate
+        from . import console, generate
         from .config import load_config
 
         config = load_config(args.config) if args.config else None
@@ -44,7 +45,8 @@ def cmd_compare(args) -> int:
         prompts = prompts or gen.prompts
         if not prompts:
             raise UserError("no prompt set: give --prompts or set generation.prompts in the run's config")
-        generations = generate.run(targets, prompts, gen, progress=not args.no_progress)
+        with console.log_file(out / "compare.log"):
+            generations = generate.run(targets, prompts, gen, progress=not args.no_progress)
     title = args.title or " vs ".join(r.name for r in runs)
     written = report.write_study(out, runs, generations, prompts=prompts, title=title)
     for name in ("table.md", "table.html", "summary.json", "generations.jsonl"):

@@ -13,7 +13,9 @@ def add_parser(sub) -> None:
     p.add_argument("--prompts", default=None,
                    help="prompt set: packaged name (oasst1_levels, lima_examples) or YAML file; "
                         "default: the config's generation.prompts")
-    p.add_argument("-o", "--output", default="generations.jsonl", help="JSONL to write (default: %(default)s)")
+    p.add_argument("-o", "--output", default="generations.jsonl",
+                   help="JSONL to write (default: %(default)s); library warnings, if any, go to the same "
+                        "path with suffix .log")
     p.add_argument("--base", action="store_true", help="also answer with the runs' base model (no adapter)")
     p.add_argument("--config", default=None,
                    help="config YAML whose generation section (and, for a bare model, quantization) to use")
@@ -24,7 +26,9 @@ def add_parser(sub) -> None:
 
 
 def cmd_generate(args) -> int:
-    from . import generate
+    from pathlib import Path
+
+    from . import console, generate
     from .config import load_config
     from .errors import UserError
     from .fileio import check_output_file
@@ -36,6 +40,7 @@ def cmd_generate(args) -> int:
     prompts = args.prompts or gen.prompts
     if not prompts:
         raise UserError("no prompt set: give --prompts or set generation.prompts in the config")
-    rows = generate.run(targets, prompts, gen, out=args.output, progress=not args.no_progress)
+    with console.log_file(Path(args.output).with_suffix(".log")):
+        rows = generate.run(targets, prompts, gen, out=args.output, progress=not args.no_progress)
     print(f"wrote {len(rows)} answers ({len(targets)} model(s)) to {args.output}")
     return 0

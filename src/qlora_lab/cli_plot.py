@@ -12,9 +12,11 @@ def add_parser(sub) -> None:
                    help="also plot a wandb run's history (repeatable; needs network and WANDB_API_KEY)")
     p.add_argument("-o", "--output", default="loss.png", help="image path; .png and .svg are written (default: %(default)s)")
     p.add_argument("--x", choices=("step", "tokens"), default="step", help="x axis (default: %(default)s)")
-    p.add_argument("--smooth", type=float, default=0.6, help="EMA weight in [0, 1); 0 = raw only (default: %(default)s)")
+    p.add_argument("--smooth", type=float, default=0.6,
+                   help="smoothing weight in [0, 1): a point k away counts weight**k, on both sides, so the "
+                        "line has no lag and ends at the last loss; 0 = raw only (default: %(default)s)")
     p.add_argument("--no-raw", action="store_true", help="hide the faint raw train curve")
-    p.add_argument("--title", default=None)
+    p.add_argument("--title", default=None, help="figure title (default: the curves' labels joined by 'vs')")
     p.set_defaults(func=cmd_plot)
 
 

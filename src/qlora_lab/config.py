@@ -196,7 +196,9 @@ def load_config(path, overrides: typing.Sequence[str] = ()) -> Config:
     """Read a YAML config, apply `section.key=value` overrides, validate. Raises ConfigError."""
     p = Path(path)
     if p.is_dir():
-        raise ConfigError(f"{p}: is a folder; expected a YAML config file")
+        found = sorted(c.name for c in p.glob("*.yaml"))
+        hint = f" (YAML files in it: {', '.join(found)})" if found else ""
+        raise ConfigError(f"{p}: is a directory; give a config file{hint}")
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
     try:

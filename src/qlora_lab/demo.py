@@ -1,9 +1,9 @@
 """`qlora-lab demo`: QLoRA vs LoRA end to end on a CPU, offline, in a few minutes.
 
 It trains the tiny random-weight Llama twice on the 24 LIMA-format question/answer pairs shipped in
-``resources/demo/`` (once with a 4-bit NF4 base, once with a 16-bit base; nothing else differs),
-answers the same questions greedily with the base model and both fine-tunes, and writes under one
-folder::
+``resources/demo/`` (once with a 4-bit NF4 base, once with an unquantized base, float32 on a CPU;
+nothing else differs), answers the same questions greedily with the base model and both fine-tunes,
+and writes under one folder::
 
     runs/tiny_llama_qlora/, runs/tiny_llama_lora/   run folders (config, metrics, adapter, ...)
     loss.png, loss.svg                              train loss of both runs on one axis
@@ -57,6 +57,7 @@ DEMO_CONFIG = {
 }
 METHODS = ("qlora", "lora")
 THRESHOLD = 0.8   # share of the shipped answers each fine-tune must reproduce exactly
+LEVELS = ("Fact", "Number", "Concept")  # what each shipped answer is: a name or place, a number, a definition
 
 
 @dataclass
@@ -74,15 +75,22 @@ class DemoResult:
         return all(self.exact[m] >= THRESHOLD for m in METHODS) and self.exact["base"] == 0.0
 
 
+def _demo_rows() -> list[dict]:
+    path = resources.files("qlora_lab") / "resources" / "demo" / "lima_demo.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def demo_pairs() -> list[tuple[str, str]]:
     """The shipped (question, answer) pairs, in LIMA format (`conversations: [user, assistant]`)."""
-    path = resources.files("qlora_lab") / "resources" / "demo" / "lima_demo.jsonl"
-    pairs = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            q, a = json.loads(line)["conversations"][:2]
-            pairs.append((q, a))
-    return pairs
+    return [tuple(row["conversations"][:2]) for row in _demo_rows()]
+
+
+def demo_prompts() -> PromptSet:
+    """The shipped questions as a prompt set: each with its level (from the data) and expected answer."""
+    prompts = tuple(Prompt(id=f"demo-{i}", prompt=row["conversations"][0], level=row["level"],
+                           expected=row["conversations"][1]) for i, row in enumerate(_demo_rows()))
+    return PromptSet(name="lima_demo", source="qlora_lab/resources/demo/lima_demo.jsonl", levels=LEVELS,
+                     prompts=prompts)
 
 
 def demo_config(method: str, train_file: Path, steps: Optional[int] = None) -> Config:
@@ -162,7 +170,7 @@ def run_study(configs, study_dir, overrides=(), prompts=None, runs_dir=None, pro
 
 
 def run_demo(out_dir="qlora-lab-demo", steps: Optional[int] = None, progress: bool = True) -> DemoResult:
-    from . import generate, plots, report, train
+    from . import console, generate, plots, report, train
     from .data.lima import prepare_lima
 
     t0 = time.perf_counter()
@@ -177,26 +185,26 @@ def run_demo(out_dir="qlora-lab-demo", steps: Optional[int] = None, progress: bo
         cfg = demo_config(method, train_file, steps)
         runs[method] = train.main(cfg, output_dir=out / "runs" / cfg.train.run_name)
 
-    pairs = demo_pairs()
-    prompts = PromptSet(name="lima_demo", source=str(src), levels=("demo",),
-                        prompts=tuple(Prompt(id=f"demo-{i}", prompt=q, level="demo") for i, (q, _) in enumerate(pairs)))
-    answers = {f"demo-{i}": a for i, (_, a) in enumerate(pairs)}
+    prompts = demo_prompts()
+    answers = {p.id: p.expected for p in prompts}
     targets = generate.targets_for([runs[m] for m in METHODS], include_base=True)
     gen = GenerationConfig(**DEMO_CONFIG["generation"])
-    rows = generate.run(targets, prompts, gen, progress=progress)
+    with console.log_file(out / "generate.log"):  # library warnings of this part; training's are in train.log
+        rows = generate.run(targets, prompts, gen, progress=progress)
     share, counts = exact_match(rows, answers)
     label = {t.adapter and t.run_dir.resolve(): t.label for t in targets}
     exact = {"base": share["base"], **{m: share[label[runs[m].resolve()]] for m in METHODS}}
     hits = {"base": counts["base"], **{m: counts[label[runs[m].resolve()]] for m in METHODS}}
 
-    n = len(pairs)
+    n = len(prompts)
     notes = [f"Exact reproductions of the {n} shipped answers (greedy decoding): "
              + ", ".join(f"{m}: {hits[m]}/{n}" for m in ("base", *METHODS)) + ".",
              "Tiny random-weight Llama on a CPU: this shows the pipeline learns, not model quality."]
     files = report.write_study(out, [runs[m] for m in METHODS], rows, prompts=prompts,
                                title="qlora-lab demo: base vs QLoRA vs LoRA", notes=notes)
+    lora_dtype = report.read_run(runs["lora"]).model_summary.get("compute_dtype", "16-bit")  # float32 on a CPU
     fig = plots.loss_figure(plots.load_curves([runs[m] for m in METHODS]),
-                            title="Demo: tiny Llama, QLoRA (NF4 base) vs LoRA (16-bit base)")
+                            title=f"Demo: tiny Llama, QLoRA (NF4 base) vs LoRA ({lora_dtype} base)")
     png, svg = plots.save_figure(fig, out / "loss.png")
     files.update({"loss.png": png, "loss.svg": svg})
     result = DemoResult(out_dir=out, runs=runs, files=files, exact=exact, n_pairs=n,

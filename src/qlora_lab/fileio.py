@@ -2,7 +2,8 @@
 
 Content goes to a temp file in the destination folder, is flushed to disk, and is renamed over the
 target only when complete: a crash, a full disk or an error while producing the content leaves no
-half-written file and an existing target exactly as it was.
+half-written file and an existing target exactly as it was. The file gets the mode a plain `open`
+would give it (0o666 less the umask): mkstemp makes its temp files 0o600, readable by the owner only.
 
 Files are read back as damaged ones may be (a disk that filled, a copy cut short, a hand edit): a
 missing, empty, cut, garbled or wrong-kind file is a DamagedFileError naming the file and what is
@@ -63,6 +64,7 @@ def atomic_open(path, mode: str = "w"):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         kw = {} if "b" in mode else {"encoding": "utf-8", "newline": "\n"}
         with os.fdopen(fd, mode, **kw) as f:
             yield f
@@ -73,6 +75,21 @@ def atomic_open(path, mode: str = "w"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process umask. Read from /proc where there is one: setting it to read it back would,
+    for a moment, change the mode of files other threads create."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path, data) -> Path:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .config import Config, GenerationConfig, from_dict, load_config
+from .console import progress_bars
 from .errors import UserError
 from .presets import PRESETS
 from .prompts import PromptSet, load_prompts
@@ -138,7 +139,7 @@ def answer(model, tok, prompts: PromptSet, gen: GenerationConfig, fmt: str, prog
     model.eval()
     device = next(model.parameters()).device
     out = []
-    bar = tqdm(total=len(items), desc=desc, unit="prompt", disable=not progress, leave=False)
+    bar = tqdm(total=len(items), desc=desc, unit="prompt", disable=not (progress and progress_bars()), leave=False)
     for start in range(0, len(items), gen.batch_size):
         batch = items[start:start + gen.batch_size]
         enc = _left_padded([encode_prompt(p.prompt, fmt, tok) for p in batch], hf_gen.pad_token_id, device)
@@ -207,6 +208,7 @@ def run(targets: Sequence[Target], prompts, gen: GenerationConfig, out=None,
                     "prompt_set": ps.name, "prompt_id": p.id, "level": p.level, "prompt": p.prompt,
                     "answer": a["answer"], "new_tokens": a["new_tokens"], "stopped": a["stopped"],
                     "generation": dataclasses.asdict(gen),
+                    **({"expected": p.expected} if p.expected is not None else {}),
                 })
             if t.adapter is not None:
                 model = m.unload()  # take the adapter's layers out again; the base is unchanged

@@ -34,6 +34,7 @@ _SHAPES = {
         vocab_size=320, max_position_embeddings=2048, layer_norm_epsilon=1e-5),
 }
 PRESETS = tuple(_SHAPES)
+REAL_SHAPES = ("llama2-7b", "falcon-7b")  # the published checkpoints' shapes; the others are tiny twins
 MARKER = "qlora_lab_random_init.json"
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
@@ -92,6 +93,11 @@ def _bytes_to_unicode() -> dict[str, int]:
     return {chr(c): b for b, c in zip(bs, cs)}
 
 
+def shape_note(preset: str) -> str:
+    """'real shape' for the 7B presets only; a tiny twin is not the shape of any published model."""
+    return "real shape" if preset in REAL_SHAPES else "tiny twin of the architecture"
+
+
 def default_dtype(preset: str):
     import torch
 
@@ -122,7 +128,7 @@ def make_model(preset: str, out_dir, seed: int = 0, dtype=None, device: str | No
         byte_tokenizer(add_bos=cfg.model_type == "llama").save_pretrained(tmp)
         (tmp / MARKER).write_text(json.dumps({
             "preset": preset, "seed": seed, "dtype": str(dtype).replace("torch.", ""),
-            "note": "random weights: real shape, meaningless text"}, indent=2))
+            "note": f"random weights: {shape_note(preset)}, meaningless text"}, indent=2))
         del model
         if out.exists():
             shutil.rmtree(out)

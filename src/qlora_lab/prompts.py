@@ -9,6 +9,7 @@ A prompt set is a YAML file::
       - id: capital-of-france              # unique; default: p1, p2, ...
         level: Easy                        # optional
         prompt: What is the capital of France?
+        expected: Paris.                   # optional: shown beside the answers in tables
 
 The study sets ship with the package (``resources/prompts/``) and are named by their bare name
 (``oasst1_levels``, ``lima_examples``); any other value is read as a path to a YAML file.
@@ -25,7 +26,7 @@ import yaml
 from .errors import UserError, where
 
 _TOP_KEYS = {"name", "description", "levels", "prompts"}
-_PROMPT_KEYS = {"id", "level", "prompt"}
+_PROMPT_KEYS = {"id", "level", "prompt", "expected"}
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class Prompt:
     id: str
     prompt: str
     level: Optional[str] = None
+    expected: Optional[str] = None  # the answer a table shows beside the models' (the demo's memorized one)
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,7 @@ def load_prompts(name_or_path) -> PromptSet:
             raise UserError(f"{at}: must be a mapping with id, level, prompt")
         bad = set(item) - _PROMPT_KEYS
         if bad:
-            raise UserError(f"{at}: unknown key {sorted(bad)[0]!r}; allowed: id, level, prompt")
+            raise UserError(f"{at}: unknown key {sorted(bad)[0]!r}; allowed: id, level, prompt, expected")
         text = item.get("prompt")
         if not isinstance(text, str) or not text.strip():
             raise UserError(f"{at}: prompt: must be a non-empty string")
@@ -110,8 +112,11 @@ def load_prompts(name_or_path) -> PromptSet:
         if pid in seen:
             raise UserError(f"{at}: id {pid!r} is used twice")
         seen.add(pid)
-        level = item.get("level")
-        prompts.append(Prompt(id=pid, prompt=text.strip(), level=None if level is None else str(level)))
+        level, expected = item.get("level"), item.get("expected")
+        if expected is not None and not isinstance(expected, str):
+            raise UserError(f"{at}: expected: must be a string (the answer shown beside the models')")
+        prompts.append(Prompt(id=pid, prompt=text.strip(), level=None if level is None else str(level),
+                              expected=expected))
     levels = raw.get("levels") or []
     if not isinstance(levels, list):
         raise UserError(f"{path}: levels: must be a list of level names")

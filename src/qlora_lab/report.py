@@ -2,8 +2,10 @@
 
 * `read_run(path)`: what a run folder says about itself (config, model and train summaries, env).
 * `summary_table(runs)`: one row per run: method, trainable params, peak memory, train time, losses.
-* `comparison_table(generations, prompts)`: rows = prompts with their level, columns = base, each run.
-* `to_markdown` / `to_html`: the two tables, long answers wrapped and collapsible.
+* `comparison_table(generations, prompts)`: rows = prompts with their level (and expected answer, when
+  the prompt set has one), columns = base, each run.
+* `to_markdown` / `to_html`: the two tables, long answers wrapped and collapsible; generated text shown
+  as it is, with control characters and undecodable bytes (U+FFFD) as visible escapes (`\x07`).
 * `write_study` / `load_study`: the committed-results layout under ``assets/studies/<study>/``.
 
 Nothing here loads a model; everything is read from files, so a user with no GPU and no network
@@ -15,6 +17,7 @@ import html
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -26,6 +29,8 @@ from .fileio import atomic_write, read_json
 from .runs import RunFolder
 
 GiB = 1024**3
+METHOD_NAMES = {"qlora": "QLoRA", "lora": "LoRA"}
+TEXT_COLUMNS = ("level", "prompt", "expected")  # comparison table columns that are not models' answers
 # Answers longer than this many characters fold into a <details> block (first part stays visible).
 FOLD_CHARS = 280
 PREVIEW_CHARS = 160
@@ -152,7 +157,10 @@ def summary_table(runs: Sequence, formatted: bool = True) -> pd.DataFrame:
             "run": r.name,
             "method": r.method,
             "model": r.model_name,
-            "quantization": ms.get("quantization") or ("nf4" if r.method == "qlora" else "none (16-bit)"),
+            # A LoRA base is held in the compute dtype of its plan: float32 on a CPU, bf16/fp16 on GPUs.
+            "quantization": ms.get("quantization") or ("nf4" if r.method == "qlora" else
+                                                       f"none ({ms['compute_dtype']})" if ms.get("compute_dtype")
+                                                       else "none"),
             "trainable params": trainable,
             "trainable %": (100.0 * trainable / total) if trainable and total else None,
             "peak memory": ts.get("peak_memory_bytes"),
@@ -163,6 +171,7 @@ def summary_table(runs: Sequence, formatted: bool = True) -> pd.DataFrame:
             "status": ts.get("status", "no train_summary.json"),
         }
         if formatted:
+            row["method"] = METHOD_NAMES.get(r.method, r.method)
             row["trainable params"] = _fmt_int(trainable)
             row["trainable %"] = "n/a" if row["trainable %"] is None else f"{row['trainable %']:.3f}%"
             row["peak memory"] = _fmt_bytes(row["peak memory"])
@@ -181,13 +190,14 @@ def comparison_table(generations, prompts=None, models: Optional[Sequence[str]] 
     `generations`: rows as written by `qlora_lab.generate` (or a path to that JSONL).
     `prompts`: a PromptSet (or name/path) that fixes the row order and levels; default: order seen.
     `models`: column order; default: base first, then runs in the order seen.
+    An `expected` column follows the prompt when the prompt set (or the rows) hold expected answers.
     """
     from .prompts import load_prompts
 
     rows = read_jsonl(generations) if isinstance(generations, (str, os.PathLike)) else list(generations)
     if not rows:
         raise UserError("no generations to compare")
-    seen_models, seen_prompts, cells, meta = [], [], {}, {}
+    seen_models, seen_prompts, cells, meta, expected = [], [], {}, {}, {}
     for g in rows:
         m, pid = g["model"], g["prompt_id"]
         if m not in seen_models:
@@ -195,23 +205,27 @@ def comparison_table(generations, prompts=None, models: Optional[Sequence[str]] 
         if pid not in meta:
             seen_prompts.append(pid)
             meta[pid] = (g.get("level"), g.get("prompt"))
+        if g.get("expected") is not None:
+            expected[pid] = g["expected"]
         cells[(pid, m)] = g.get("answer", "")
     if models is None:
         base = [m for m in seen_models if _is_base_label(m, rows)]
         models = base + [m for m in seen_models if m not in base]
     if prompts is not None:
         ps = load_prompts(prompts)
+        expected.update({p.id: p.expected for p in ps if p.expected is not None and p.id in meta})
         order = [p.id for p in ps if p.id in meta] + [pid for pid in seen_prompts if pid not in ps.by_id()]
         levels = {lv: i for i, lv in enumerate(ps.levels)}
         order.sort(key=lambda pid: levels.get(meta[pid][0], len(levels)))  # stable: keeps file order
     else:
         order = seen_prompts
+    text_columns = ["level", "prompt"] + (["expected"] if expected else [])
     data = []
     for pid in order:
         level, text = meta[pid]
-        data.append({"level": level or "", "prompt": text or pid,
+        data.append({"level": level or "", "prompt": text or pid, "expected": expected.get(pid),
                      **{m: cells.get((pid, m)) for m in models}})
-    df = pd.DataFrame(data, columns=["level", "prompt", *models])
+    df = pd.DataFrame(data, columns=[*text_columns, *models])
     df.index = pd.Index(order, name="prompt_id")
     return df
 
@@ -220,11 +234,31 @@ def _is_base_label(label: str, rows) -> bool:
     return any(g["model"] == label and g.get("adapter") in (None, "") for g in rows)
 
 
+_INVISIBLE = re.compile("[" + "".join(
+    re.escape(chr(n)) for n in (*range(0x20), *range(0x7f, 0xa0)) if chr(n) not in "\n\t")
+    + "\ud800-\udfff\ufffd]")
+# Markdown's own specials in a table cell: `|` ends the cell, `<` + letter opens an HTML tag.
+_MD_SPECIAL = re.compile(r"\||<(?=[A-Za-z/!?])")
+
+
+def visible(text: str) -> str:
+    """Control characters, lone surrogates and U+FFFD (bytes that did not decode) as escapes
+    (`\\x07`, `\\ufffd`): a random or barely trained model emits them, and a page would show them
+    as nothing or as tofu boxes. Newlines and tabs stay."""
+    return _INVISIBLE.sub(lambda m: _escape_char(m.group()), text.replace("\r\n", "\n"))
+
+
+def _escape_char(c: str) -> str:
+    n = ord(c)
+    return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
+
+
 def _md_cell(text) -> str:
+    """Plain text for a GitHub Markdown table cell: Markdown escapes only (`\\|`, `\\<`), no HTML entities."""
     if text is None:
         return "—"
-    s = html.escape(str(text).strip(), quote=False).replace("|", "\\|")
-    s = s.replace("\r\n", "\n").replace("\n", "<br>")
+    s = _MD_SPECIAL.sub(lambda m: "\\" + m.group(), visible(str(text).strip()))
+    s = s.replace("\n", "<br>")
     return s or "*(empty)*"
 
 
@@ -241,8 +275,10 @@ def _md_answer(text) -> str:
 
 
 def to_markdown(table: pd.DataFrame, summary: Optional[pd.DataFrame] = None, title: str = "",
-                notes: Sequence[str] = ()) -> str:
-    """GitHub Markdown: the run summary, then the side-by-side answers (long ones collapsible)."""
+                notes: Sequence[str] = (), caption: str = "") -> str:
+    """GitHub Markdown: the run summary, then the side-by-side answers (long ones collapsible).
+
+    `caption` goes under the answers' heading (e.g. that the base model has random weights)."""
     out = []
     if title:
         out += [f"## {title}", ""]
@@ -250,13 +286,16 @@ def to_markdown(table: pd.DataFrame, summary: Optional[pd.DataFrame] = None, tit
     if summary is not None and len(summary):
         out += ["### Runs", "", _md_table(summary.reset_index()), ""]
     if table is not None and len(table):
-        models = [c for c in table.columns if c not in ("level", "prompt")]
-        header = ["level", "prompt", *models]
+        text = [c for c in TEXT_COLUMNS if c in table.columns]
+        models = [c for c in table.columns if c not in TEXT_COLUMNS]
+        header = [*text, *models]
         lines = ["| " + " | ".join(_md_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
         for _, row in table.iterrows():
-            cells = [_md_cell(row["level"]), _md_cell(row["prompt"])] + [_md_answer(row[m]) for m in models]
+            cells = ([_md_cell(row["level"]), _md_cell(row["prompt"])]
+                     + [_md_answer(row[c]) if row[c] is not None else "—" for c in text[2:]]
+                     + [_md_answer(row[m]) for m in models])
             lines.append("| " + " | ".join(cells) + " |")
-        out += ["### Answers", "", *lines, ""]
+        out += ["### Answers", "", *([f"*{_md_cell(caption)}*", ""] if caption else []), *lines, ""]
     return "\n".join(out)
 
 
@@ -275,7 +314,12 @@ _CSS = """<style>
 .qlab td.answer{white-space:pre-wrap;word-wrap:break-word;max-width:36em;min-width:14em}
 .qlab td.level{white-space:nowrap;font-weight:600}
 .qlab details summary{cursor:pointer}
+.qlab caption{caption-side:top;text-align:left;font-style:italic;padding:0 0 6px}
 </style>"""
+
+
+def _html_text(text) -> str:
+    return html.escape(visible(str(text)))
 
 
 def _html_answer(text) -> str:
@@ -283,14 +327,14 @@ def _html_answer(text) -> str:
         return "<em>(not generated)</em>"
     raw = str(text).strip()
     if len(raw) <= FOLD_CHARS:
-        return html.escape(raw) or "<em>(empty)</em>"
+        return _html_text(raw) or "<em>(empty)</em>"
     cut = raw.rfind(" ", 0, PREVIEW_CHARS)
     cut = cut if cut > PREVIEW_CHARS // 2 else PREVIEW_CHARS
-    return (f"<details><summary>{html.escape(raw[:cut])} …</summary>{html.escape(raw[cut:])}</details>")
+    return (f"<details><summary>{_html_text(raw[:cut])} …</summary>{_html_text(raw[cut:])}</details>")
 
 
 def to_html(table: pd.DataFrame, summary: Optional[pd.DataFrame] = None, title: str = "",
-            notes: Sequence[str] = (), standalone: bool = True) -> str:
+            notes: Sequence[str] = (), standalone: bool = True, caption: str = "") -> str:
     """HTML: the run summary and the answers, wrapped text, long answers in <details>."""
     out = [_CSS, '<div class="qlab">']
     if title:
@@ -300,13 +344,18 @@ def to_html(table: pd.DataFrame, summary: Optional[pd.DataFrame] = None, title: 
         out.append("<h3>Runs</h3>")
         out.append(summary.reset_index().to_html(index=False, escape=True, border=0))
     if table is not None and len(table):
-        models = [c for c in table.columns if c not in ("level", "prompt")]
-        out.append("<h3>Answers</h3><table><thead><tr><th>level</th><th>prompt</th>"
-                   + "".join(f"<th>{html.escape(str(m))}</th>" for m in models) + "</tr></thead><tbody>")
+        text = [c for c in TEXT_COLUMNS if c in table.columns]
+        models = [c for c in table.columns if c not in TEXT_COLUMNS]
+        out.append("<h3>Answers</h3><table>"
+                   + (f"<caption>{_html_text(caption)}</caption>" if caption else "") + "<thead><tr>"
+                   + "".join(f"<th>{_html_text(c)}</th>" for c in [*text, *models]) + "</tr></thead><tbody>")
         for _, row in table.iterrows():
-            out.append(f'<tr><td class="level">{html.escape(str(row["level"]))}</td>'
-                       f'<td class="answer">{html.escape(str(row["prompt"]))}</td>'
-                       + "".join(f'<td class="answer">{_html_answer(row[m])}</td>' for m in models) + "</tr>")
+            out.append(f'<tr><td class="level">{_html_text(row["level"])}</td>'
+                       f'<td class="answer">{_html_text(row["prompt"])}</td>'
+                       + "".join(f'<td class="answer">{_html_answer(row[c]) if row[c] is not None else "—"}</td>'
+                                 for c in text[2:])
+                       + "".join(f'<td class="answer">{_html_answer(row[m])}</td>' for m in models)
+                       + "</tr>")
         out.append("</tbody></table>")
     out.append("</div>")
     body = "\n".join(out)
@@ -323,15 +372,27 @@ STUDY_FILES = ("summary.json", "table.md", "table.html", "generations.jsonl", "l
 
 def provenance(runs: Sequence) -> list[str]:
     """Plain sentences saying what produced the results: model, weights, method, machine."""
+    from .presets import shape_note
+
     lines = []
     for r in read_runs(runs):
         m = r.config.get("model") or {}
-        model = (f"{m['random_init']} with random weights (real shape, meaningless text)" if m.get("random_init")
-                 else f"{m.get('name_or_path')} (pretrained weights)")
+        model = (f"{m['random_init']} with random weights ({shape_note(m['random_init'])}, meaningless text)"
+                 if m.get("random_init") else f"{m.get('name_or_path')} (pretrained weights)")
         steps = (r.config.get("train") or {}).get("max_steps")
-        lines.append(f"{r.name}: {r.method.upper()} fine-tune of {model}, "
+        steps = f"{steps:,}" if isinstance(steps, int) else steps
+        lines.append(f"{r.name}: {METHOD_NAMES.get(r.method, r.method)} fine-tune of {model}, "
                      f"{steps} steps, trained on {device_of(r)}.")
     return lines
+
+
+def random_weights_caption(runs: Sequence) -> str:
+    """What a reader must know before reading answers of a random-weight model ('' for pretrained ones)."""
+    presets = sorted({(r.config.get("model") or {}).get("random_init") for r in read_runs(runs)} - {None})
+    if not presets:
+        return ""
+    return (f"The base model ({', '.join(presets)}) has random weights: its answers are meaningless text, "
+            f"and a fine-tune knows only what its training data taught it.")
 
 
 def write_study(out_dir, runs: Sequence, generations=None, prompts=None, title: str = "",
@@ -352,8 +413,9 @@ def write_study(out_dir, runs: Sequence, generations=None, prompts=None, title: 
         written["generations.jsonl"] = atomic_write(
             out / "generations.jsonl", "".join(json.dumps(g, ensure_ascii=False) + "\n" for g in rows))
     notes = [*provenance(runs), *notes]
-    written["table.md"] = atomic_write(out / "table.md", to_markdown(table, summary, title, notes))
-    written["table.html"] = atomic_write(out / "table.html", to_html(table, summary, title, notes))
+    caption = random_weights_caption(runs)
+    written["table.md"] = atomic_write(out / "table.md", to_markdown(table, summary, title, notes, caption=caption))
+    written["table.html"] = atomic_write(out / "table.html", to_html(table, summary, title, notes, caption=caption))
     for r in runs:
         if r.metrics_path.is_file():  # the logged rows, without a last line a crash cut short
             dst = out / "metrics" / f"{r.name.replace('/', '_')}.jsonl"

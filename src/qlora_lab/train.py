@@ -7,6 +7,7 @@ Everything lands in the run folder (see runs.py); wandb mirrors the metrics when
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -15,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import console
 from .config import Config, to_yaml
 from .distributed import full_state_dict
 from .errors import ConfigError, UserError
@@ -28,6 +30,9 @@ PACKING_SAFE = {"llama"}
 
 
 def main(cfg: Config, output_dir=None, resume: bool = False) -> Path:
+    from .data import check_data_files
+
+    check_data_files(cfg)  # before the run folder: a missing or empty data file leaves nothing behind
     run = prepare_run_folder(cfg, output_dir, resume)
     with _Attempt(run), _log_to(run):
         if run.resume:
@@ -124,10 +129,12 @@ def load_model(cfg: Config, plan, run: RunFolder):
     n_fused = lora_fused.enable(model) if plan.fused_lora else 0
     summary.update(lora, kernels=fused, fused_lora_modules=n_fused, gradient_checkpointing=plan.gradient_checkpointing)
     run.write_json("model_summary.json", summary)
-    log.info("model: %s %s, %d/%d linear layers 4-bit, %d LoRA modules, %.2f M trainable params, "
-             "base weights %.2f GiB", summary["architecture"], summary["quantization"] or "16-bit",
-             summary["n_linear_4bit"], summary["n_linear_total"], summary["n_lora_modules"],
-             summary["trainable_params"] / 1e6, summary["weights_bytes"] / 2**30)
+    q, dtype = summary["quantization"], summary["compute_dtype"]  # the dtype of the plan, not a guess
+    log.info("model: %s, %s, %d/%d linear layers 4-bit, %d LoRA modules, %.2f M trainable params, "
+             "base weights %.2f GiB", summary["architecture"],
+             f"{q} base computing in {dtype}" if q else f"{dtype} base", summary["n_linear_4bit"],
+             summary["n_linear_total"], summary["n_lora_modules"], summary["trainable_params"] / 1e6,
+             summary["weights_bytes"] / 2**30)
     return model
 
 
@@ -168,7 +175,7 @@ def build_trainer(cfg: Config, plan, model, tokenizer, train_ds, eval_ds, run: R
         remove_unused_columns=False,
         dataloader_num_workers=t.dataloader_num_workers,
         use_cpu=plan.device == "cpu",
-        disable_tqdm=False,
+        disable_tqdm=not console.progress_bars(),  # off a terminal: a line per tenth of the run instead
         ddp_find_unused_parameters=False,
     )
     if args.n_gpu > 1:
@@ -260,8 +267,8 @@ def save(trainer, cfg: Config, run: RunFolder) -> None:
     run.write_json("train_summary.json", summary)
     run.set_status("completed", step=trainer.state.global_step)
     log.info("done: %d steps in %.1f s, %.0f trained tokens/s, final loss %s, eval loss %s; adapter: %s",
-             summary["steps"], secs, summary["tokens_per_s"] or 0, summary["final_train_loss"], final_eval,
-             run.adapter_dir)
+             summary["steps"], secs, summary["tokens_per_s"] or 0, _num(summary["final_train_loss"]),
+             _num(final_eval), run.adapter_dir)
     if cfg.logging.report_to == "wandb":
         try:
             import wandb
@@ -465,10 +472,16 @@ class _RunCallback(_HFCallback):
             atomic_write_json(ckpt / STATE_FILE, {"step": state.global_step, "tokens": self.trainer.tokens_trained})
 
 
+def _num(x) -> str:
+    """A loss for the console: 4 significant digits (full precision is in the run folder's JSON)."""
+    return "-" if x is None else f"{x:.4g}"
+
+
 def _quiet_console_logs(trainer) -> None:
     """Show loss and learning rate on the progress bar instead of printing every log dict.
 
     Every logged value is in metrics.jsonl (and wandb); the console keeps one bar and our summary lines.
+    Without a bar (the output is not a terminal) a plain line every tenth of the run says how it goes.
     """
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -480,9 +493,25 @@ def _quiet_console_logs(trainer) -> None:
                 if shown:
                     bar.set_postfix(shown, refresh=False)
 
+    class _LineCallback(_HFCallback):
+        def __init__(self):
+            self.next_step = 0
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            if not state.is_world_process_zero:
+                return
+            if "eval_loss" in logs:
+                log.info("step %d/%d: eval loss %s", state.global_step, state.max_steps, _num(logs["eval_loss"]))
+            elif "loss" in logs and state.global_step >= self.next_step:
+                log.info("step %d/%d: loss %s", state.global_step, state.max_steps, _num(logs["loss"]))
+                self.next_step = state.global_step + max(1, state.max_steps // 10)
+
     trainer.remove_callback(PrinterCallback)
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(_BarCallback())
+    else:
+        trainer.add_callback(_LineCallback())
 
 
 class _GracefulStop:
@@ -621,7 +650,8 @@ def _wandb_logged_in() -> bool:
 
 
 class _log_to:
-    """Log to the console and to run/train.log for the duration of a run."""
+    """Log to the console and to run/train.log for the duration of a run; library warnings
+    (transformers, peft, bitsandbytes, datasets, Python warnings) to train.log only."""
 
     def __init__(self, run: RunFolder):
         self.run = run
@@ -641,9 +671,12 @@ class _log_to:
             self.console = logging.StreamHandler(sys.stderr)
             self.console.setFormatter(logging.Formatter("qlora-lab: %(message)s"))
             root.addHandler(self.console)
+        self.libraries = contextlib.ExitStack()
+        self.libraries.enter_context(console.log_file(self.file))  # None (rank > 0): rank 0 logs the same
         return self
 
     def __exit__(self, *exc):
+        self.libraries.__exit__(*exc)
         root = logging.getLogger("qlora_lab")
         for h in (self.file, self.console):
             if h is not None:

@@ -20,6 +20,13 @@ def load_datasets(cfg, tokenizer):
     return _load(cfg, tokenizer)
 
 
+def check_data_files(cfg) -> None:
+    """Raise DataError unless data.train_file (and data.eval_file, if set) exist and hold a record."""
+    from .dataset import check_data_files as _check
+
+    _check(cfg)
+
+
 def prepare_oasst1(source, output, langs=None, split: str = "train", keep_unanswered_prompt: bool = False):
     """Notebook entry: write OASST1 best paths to `output`; returns the counts (see oasst1.py)."""
     from .oasst1 import prepare_oasst1 as _prepare
@@ -34,4 +41,4 @@ def prepare_lima(source, output, split: str = "train"):
     return _prepare(source, output, split=split)
 
 
-__all__ = ["load_datasets", "prepare_oasst1", "prepare_lima"]
+__all__ = ["check_data_files", "load_datasets", "prepare_oasst1", "prepare_lima"]

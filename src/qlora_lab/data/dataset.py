@@ -37,6 +37,19 @@ def resolve_data_path(value: Optional[str], cfg, key: str) -> Path:
     raise DataError(f"data.{key}: {value}: file not found (looked at {looked})")
 
 
+def check_data_files(cfg) -> None:
+    """The data files the config names exist and hold a record: checked before a run folder is made,
+    so a wrong path or an empty file is one error line and leaves nothing behind."""
+    import contextlib
+
+    for key in ("train_file", "eval_file"):
+        value = getattr(cfg.data, key)
+        if key == "train_file" or value:
+            path = resolve_data_path(value, cfg, key)
+            with contextlib.closing(read_records(path)) as records:
+                next(records)  # an empty file raises DataError naming it
+
+
 def read_prepared(path) -> list[list[dict]]:
     """The `messages` of every row of a prepared JSONL/JSON file, validated with line numbers."""
     out = []
