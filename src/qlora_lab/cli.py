@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .presets import PRESETS
 
     parser = _Parser(
-        prog="qlora-lab", description="QLoRA vs LoRA fine-tuning of 7B models: data, train, generate, compare, plot, bench.")
+        prog="qlora-lab", description="QLoRA vs LoRA fine-tuning of 7B models: data, train, generate, compare, plot, bench, merge, export-gguf.")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
 
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .data.cli import add_parser as add_data_parser
 
     add_data_parser(sub)
-    for name in ("generate", "compare", "plot", "bench", "demo"):
+    for name in ("generate", "compare", "plot", "bench", "demo", "merge", "export_gguf"):
         _try_add(sub, name)
     return parser
 
