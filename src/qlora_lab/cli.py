@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .presets import PRESETS
 
     parser = _Parser(
-        prog="qlora-lab", description="QLoRA vs LoRA fine-tuning of 7B models: data, train, generate, compare, plot, bench.")
+        prog="qlora-lab", description="QLoRA vs LoRA fine-tuning of 7B models: data, train, study, generate, compare, "
+                                      "plot, bench, merge, export-gguf.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
@@ -97,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .studies import add_parser as add_study_parser
 
     add_study_parser(sub)
-    for name in ("generate", "compare", "plot", "bench", "demo"):
+    for name in ("generate", "compare", "plot", "bench", "demo", "merge", "export_gguf"):
         _try_add(sub, name)
     return parser
 
