@@ -15,14 +15,14 @@ python3 -c "from qlora_lab.presets import cached_model; cached_model('llama2-7b'
 train=(accelerate launch --config_file configs/accelerate/fsdp_qlora.yaml -m qlora_lab.cli train
        configs/llama2_7b_lima_qlora.yaml --set model.name_or_path=null --set model.random_init=llama2-7b
        --set data.train_file="$W/lima.jsonl" --set data.eval_size=0 --set logging.report_to=none
-       --set train.max_steps=12 --set train.save_steps=3 --set train.eval_steps=null --set data.max_length=1024
+       --set train.max_steps=8 --set train.save_steps=2 --set train.eval_steps=null --set data.max_length=512
        --set train.per_device_train_batch_size=2 --set train.gradient_accumulation_steps=1
        --output-dir "$W/run")
 t0=$(date +%s)
 setsid "${train[@]}" >"$OUT/first.log" 2>&1 &
 pid=$!
-while kill -0 $pid 2>/dev/null && [ ! -f "$W/run/checkpoints/checkpoint-6/qlora_lab_state.json" ]; do sleep 0.2; done
-pkill -9 -f "qlora_lab.cli train" ; kill -9 -- -$pid 2>/dev/null; wait $pid;  # the launcher and its workers echo "first run killed after checkpoint-6 ($(( $(date +%s) - t0 )) s)" | tee "$OUT/summary.txt"
+while kill -0 $pid 2>/dev/null && [ ! -f "$W/run/checkpoints/checkpoint-4/qlora_lab_state.json" ]; do sleep 0.2; done
+pkill -9 -f -- "--output-dir $W/run" ; kill -9 -- -$pid 2>/dev/null; wait $pid;  # the launcher and its workers echo "first run killed after checkpoint-4 ($(( $(date +%s) - t0 )) s)" | tee "$OUT/summary.txt"
 ls -R "$W/run/checkpoints" > "$OUT/checkpoints_after_kill.txt"
 cat "$W/run/status.json" >> "$OUT/summary.txt"
 "${train[@]}" --resume >"$OUT/resume.log" 2>&1; echo "resume exit $?" | tee -a "$OUT/summary.txt"
