@@ -22,7 +22,8 @@ t0=$(date +%s)
 setsid "${train[@]}" >"$OUT/first.log" 2>&1 &
 pid=$!
 while kill -0 $pid 2>/dev/null && [ ! -f "$W/run/checkpoints/checkpoint-4/qlora_lab_state.json" ]; do sleep 0.2; done
-pkill -9 -f -- "--output-dir $W/run" ; kill -9 -- -$pid 2>/dev/null; wait $pid;  # the launcher and its workers echo "first run killed after checkpoint-4 ($(( $(date +%s) - t0 )) s)" | tee "$OUT/summary.txt"
+# the launcher and its workers (torchrun starts them in sessions of their own)
+pkill -9 -f -- "--output-dir $W/run" ; kill -9 -- -$pid 2>/dev/null; wait $pid; echo "first run killed after checkpoint-4 ($(( $(date +%s) - t0 )) s)" | tee "$OUT/summary.txt"
 ls -R "$W/run/checkpoints" > "$OUT/checkpoints_after_kill.txt"
 cat "$W/run/status.json" >> "$OUT/summary.txt"
 "${train[@]}" --resume >"$OUT/resume.log" 2>&1; echo "resume exit $?" | tee -a "$OUT/summary.txt"
