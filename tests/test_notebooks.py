@@ -61,19 +61,25 @@ def test_study_notebook_renders_committed_assets_or_says_none(name, tmp_path):
 def test_falcon_notebook_trains_a_tiny_twin(tmp_path):
     nb, text = execute("01_falcon7b_oasst1_qlora.ipynb", tmp_path, CONFIGS=["configs/tiny_falcon_qlora.yaml"],
                        OVERRIDES=TINY, RUN_TRAINING=True, STUDY_DIR=str(tmp_path / "study"),
-                       RUNS_DIR=str(tmp_path / "runs"))
+                       WORK_DIR=str(tmp_path / "runs"))
     assert "tiny_falcon_qlora: QLoRA fine-tune of tiny-falcon with random weights (tiny twin" in text
     assert "<h3>Answers</h3>" in text and "What is the capital of France?" in text and "<PNG>" in text
-    assert (tmp_path / "study" / "loss.svg").is_file() and (tmp_path / "runs" / "tiny_falcon_qlora" / "adapter").is_dir()
+    assert (tmp_path / "study" / "loss.svg").is_file() and (tmp_path / "runs" / "falcon7b_oasst1" / "tiny_falcon_qlora" / "adapter").is_dir()
     assert not list((tmp_path / "study").rglob("*.safetensors"))  # no weights in a study folder
 
 
 def test_lima_notebook_trains_qlora_and_lora_twins(tmp_path):
     nb, text = execute("02_llama2_lima_qlora_vs_lora.ipynb", tmp_path,
                        CONFIGS=["configs/tiny_llama_qlora.yaml", "configs/tiny_llama_lora.yaml"], OVERRIDES=TINY,
-                       RUN_TRAINING=True, STUDY_DIR=str(tmp_path / "study"), RUNS_DIR=str(tmp_path / "runs"))
+                       RUN_TRAINING=True, STUDY_DIR=str(tmp_path / "study"), WORK_DIR=str(tmp_path / "runs"))
     assert "<th>base</th><th>tiny_llama_qlora</th><th>tiny_llama_lora</th>" in text
     assert "What is reinforcement learning?" in text
+    # The measurements a study records for every arm (train conversations, tokens, time, memory).
+    measured = json.loads((tmp_path / "study" / "summary.json").read_text())["measured"]
+    assert set(measured) == {"tiny_llama_qlora", "tiny_llama_lora"}
+    for m in measured.values():
+        assert m["train_conversations"] > 0 and m["tokens_trained"] > 0 and m["wall_time_s"] > 0
+        assert m["status"] == "completed" and m["gpu"]
 
 
 def test_loss_curve_notebook(tmp_path):

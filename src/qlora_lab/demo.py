@@ -143,32 +143,6 @@ def train_all(configs, overrides=(), runs_dir=None) -> list[Path]:
     return runs
 
 
-def run_study(configs, study_dir, overrides=(), prompts=None, runs_dir=None, progress: bool = True,
-              title: Optional[str] = None) -> Path:
-    """Train each config, answer the prompt set with the base and each run, write the study folder.
-
-    The notebooks' RUN_TRAINING path (and the recipe behind ``assets/studies/<study>/``): run folders
-    go to ``runs_dir/<run_name>`` (default: each config's train.output_dir), results to `study_dir`:
-    table.md/html, summary.json, generations.jsonl, metrics/, loss.png/svg. No weights go there.
-    """
-    from . import generate, plots, report
-    from .config import load_config
-
-    cfgs = [c if isinstance(c, Config) else load_config(c, list(overrides)) for c in configs]
-    runs = train_all(cfgs, runs_dir=runs_dir)
-    targets = generate.targets_for(runs, include_base=True)
-    gen = cfgs[0].generation
-    prompts = prompts or gen.prompts
-    if not prompts:
-        raise UserError("no prompt set: pass prompts or set generation.prompts in the config")
-    rows = generate.run(targets, prompts, gen, progress=progress)
-    title = title or " vs ".join(Path(r).name for r in runs)
-    report.write_study(study_dir, runs, rows, prompts=prompts, title=title)
-    fig = plots.loss_figure(plots.load_curves(runs), title=title)
-    plots.save_figure(fig, Path(study_dir) / "loss.png")
-    return Path(study_dir)
-
-
 def run_demo(out_dir="qlora-lab-demo", steps: Optional[int] = None, progress: bool = True) -> DemoResult:
     from . import console, generate, plots, report, train
     from .data.lima import prepare_lima

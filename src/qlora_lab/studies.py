@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -101,16 +103,39 @@ def measured(run_dir) -> dict:
     }
 
 
+def train_in_own_process(config, sets: Sequence[str], out_dir) -> Path:
+    """`qlora-lab train` in a child process, its output passed through; returns the run folder.
+
+    One process per arm: a process keeps part of what an arm allocated (library objects hold the model),
+    so a second arm in the same process would count it in its peak memory, and under a memory cap run out
+    (seen on an H200: a 15 GiB run after the two Llama arms started with 17 GiB already allocated).
+    """
+    cmd = [sys.executable, "-m", "qlora_lab.cli", "train", str(config), "--output-dir", str(out_dir)]
+    for s in sets:
+        cmd += ["--set", s]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as p:
+        for line in p.stdout:  # through sys.stderr, so that a notebook shows it
+            sys.stderr.write(line)
+    if p.returncode != 0:
+        raise UserError(f"{out_dir}: training {config} failed (exit {p.returncode}); its log: {out_dir}/train.log")
+    return Path(out_dir)
+
+
 def run(name: str, study_dir, work_dir="runs/studies", offline: bool = False, overrides: Sequence[str] = (),
         steps: Optional[int] = None, budget_gib: Optional[float] = None, budget_steps: Optional[int] = None,
-        configs_dir="configs", progress: bool = True, title: Optional[str] = None) -> Path:
-    """Train every arm, answer the prompts, plot, and write `study_dir`; returns it."""
-    from . import generate, plots, report, train
+        configs_dir="configs", configs: Optional[Sequence] = None, progress: bool = True,
+        title: Optional[str] = None) -> Path:
+    """Train every arm, answer the prompts, plot, and write `study_dir`; returns it.
+
+    configs: other config files for the arms (the QLoRA arm first), e.g. the tiny CPU twins; default the
+    study's own, under configs_dir.
+    """
+    from . import generate, plots, report
     from .config import load_config
 
     study = spec(name)
     work = Path(work_dir) / study.name
-    paths = [Path(configs_dir) / c for c in study.configs]
+    paths = [Path(c) for c in configs] if configs else [Path(configs_dir) / c for c in study.configs]
     for p in paths:
         if not p.is_file():
             raise UserError(f"{p}: config not found (configs_dir={configs_dir})")
@@ -119,13 +144,13 @@ def run(name: str, study_dir, work_dir="runs/studies", offline: bool = False, ov
         common.append(f"train.max_steps={steps}")
     if offline:
         common = offline_data(study, work) + common
-    cfgs = [load_config(p, (offline_overrides(p) if offline else []) + common) for p in paths]
-    runs = [train.main(c, output_dir=work / Path(p).stem) for c, p in zip(cfgs, paths)]
+    sets = {p: (offline_overrides(p) if offline else []) + common for p in paths}
+    cfgs = [load_config(p, sets[p]) for p in paths]  # validated before anything trains
+    runs = [train_in_own_process(p, sets[p], work / Path(p).stem) for p in paths]
     meas = {Path(r).name: measured(r) for r in runs}
     if budget_gib:  # the QLoRA arm again, capped like a smaller GPU; its folder stays out of the tables
         extra = [f"train.memory_budget_gib={budget_gib}"] + ([f"train.max_steps={budget_steps}"] if budget_steps else [])
-        cfg = load_config(paths[0], (offline_overrides(paths[0]) if offline else []) + common + extra)
-        r = train.main(cfg, output_dir=work / f"{paths[0].stem}-budget{budget_gib:g}")
+        r = train_in_own_process(paths[0], sets[paths[0]] + extra, work / f"{paths[0].stem}-budget{budget_gib:g}")
         meas[Path(r).name] = measured(r)
     gen = cfgs[0].generation
     rows = generate.run(generate.targets_for(runs, include_base=True), study.prompts, gen, progress=progress)
