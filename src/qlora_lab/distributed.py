@@ -9,6 +9,7 @@ flatten together with the 16-bit ones. `fsdp_active()` is the one test for it, u
 from __future__ import annotations
 
 import os
+import re
 
 # accelerate's str_to_bool: what it accepts as "on" for its ACCELERATE_* flags.
 _TRUE = ("1", "true", "t", "yes", "y", "on")
@@ -69,6 +70,14 @@ def full_state_dict(trainer) -> dict | None:
 _WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod", "module")
 
 
+def _saved_adapter_key(name: str, adapter: str) -> str | None:
+    """A model parameter's key in a saved peft adapter (the adapter name dropped), or None if not the adapter's."""
+    m = re.search(rf"\.(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector)\.{re.escape(adapter)}(\.|$)", name)
+    if m is None:
+        return None
+    return (name[:m.start()] + f".{m.group(1)}" + m.group(2) + name[m.end():]).rstrip(".")
+
+
 def _unwrapped_name(key: str) -> str:
     parts = key.split(".")
     while parts and parts[0] in _WRAPPER_SEGMENTS:
@@ -86,14 +95,12 @@ def write_adapter(model, state_dict: dict, out_dir, adapter: str = "default") ->
     here (full_state_dict), so the LoRA entries are picked by name, in peft's layout (adapter name removed).
     """
     import copy
-    import re
     from pathlib import Path
 
     from safetensors.torch import save_file
 
-    pattern = re.compile(rf"\.(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector)\.{re.escape(adapter)}(\.|$)")
-    tensors = {pattern.sub(lambda m: f".{m.group(1)}{m.group(2)}", k).rstrip("."): v.detach().cpu().contiguous()
-               for k, v in state_dict.items() if pattern.search(k)}
+    tensors = {key: v.detach().cpu().contiguous() for k, v in state_dict.items()
+               if (key := _saved_adapter_key(k, adapter)) is not None}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -109,18 +116,15 @@ def load_adapter_into_shards(model, adapter_file, adapter: str = "default") -> i
     Inside summon_full_params each process sees the whole parameters under the model's own names and
     writes its shard back. Every adapter tensor must find its parameter, or this raises.
     """
-    import re
-
     import torch
     from safetensors.torch import load_file
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     saved = load_file(str(adapter_file))
-    pattern = re.compile(rf"\.(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector)\.{re.escape(adapter)}(\.|$)")
     done = set()
     with FSDP.summon_full_params(model, writeback=True), torch.no_grad():
         for name, p in model.named_parameters():
-            key = pattern.sub(lambda m: f".{m.group(1)}{m.group(2)}", _unwrapped_name(name)).rstrip(".")
+            key = _saved_adapter_key(_unwrapped_name(name), adapter)
             if key in saved:
                 p.copy_(saved[key].to(p.device, p.dtype))
                 done.add(key)
