@@ -36,7 +36,7 @@ CASES = [
     ("config-not-utf8", ["config", "{bad}/latin1.yaml"], ["latin1.yaml", "UTF-8"]),
     ("config-not-a-mapping", ["config", "{bad}/list.yaml"], ["list.yaml:1", "mapping"]),
     ("config-missing-file", ["config", "{bad}/nope.yaml"], ["nope.yaml", "not found"]),
-    ("config-is-a-folder", ["config", "{w}/notarun"], ["notarun", "is a folder"]),
+    ("config-is-a-folder", ["config", "{w}/notarun"], ["notarun", "is a directory"]),
     ("config-two-models", ["config", "{bad}/two_models.yaml"], ["two_models.yaml:1", "exactly one"]),
     ("config-section-scalar", ["config", "{bad}/section_scalar.yaml"], ["section_scalar.yaml:3", "lora"]),
     ("config-rank-negative", ["train", "{bad}/absurd_rank.yaml", "--output-dir", "{w}/new"], ["absurd_rank.yaml:4", "lora.r", ">= 1", "-1"]),

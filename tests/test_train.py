@@ -1,6 +1,7 @@
 """The training recipe end to end through the real CLI, on tiny random-weight Llama and Falcon."""
 from __future__ import annotations
 
+import os
 
 import pytest
 import torch
@@ -43,6 +44,9 @@ def test_run_folder_is_complete(llama_qlora):
     for f in RUN_FILES:
         assert (run.path / f).exists(), f
     assert run.status() == "completed"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert run.adapter_dir.stat().st_mode & 0o777 == 0o777 & ~umask  # the user's to share, as its files
     s = run.read_json("model_summary.json")
     for k in ("architecture", "quantization", "double_quant", "compute_dtype", "n_linear_4bit", "n_linear_total",
               "n_lora_modules", "trainable_params", "total_params", "weights_bytes"):

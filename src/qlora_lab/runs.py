@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import DamagedFileError, UserError
-from .fileio import atomic_write, check_adapter, load_torch_file, read_json, read_text
+from .fileio import _umask, atomic_write, check_adapter, load_torch_file, read_json, read_text
 
 STATE_FILE = "qlora_lab_state.json"  # written last into a checkpoint: marks it complete
 # What sits in a run folder, by kind: a file of one of these names that is a folder (or the reverse)
@@ -258,6 +258,7 @@ class RunFolder:
         if not self.writer:
             return
         tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=self.path))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it owner-only; the adapter is the user's to share
         try:
             if state_dict is None:
                 model.save_pretrained(str(tmp), safe_serialization=True)
