@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .distributed import is_main_process, world_size
+
 BASELINE_LORA_R = 64     # the standard recipe's rank: the same as _bench_config's lora.r
 LOSS_STEPS = 20          # steps whose losses must agree between the two paths
 LOSS_TOLERANCE = 0.01    # relative
@@ -409,7 +411,7 @@ def _sync_init_lora(model, path: str) -> str:
 
     state = _lora_state(model)
     p = Path(path)
-    if not p.is_file() and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    if not p.is_file() and world_size() > 1:
         return "own (several processes start from their own, identically seeded, init)"
     if p.is_file():
         saved = load_file(str(p))
@@ -476,7 +478,7 @@ def _row(spec, shape: Shape, timer, steps: int, warmup: int, hf_config, lora_r: 
             **dict(zip(("flops_per_token", "hw_flops_per_token"),
                        flops_per_token(hf_config, shape.seq_len, lora_r, recomputed))),
             "lora_r": lora_r,
-            "world_size": int(os.environ.get("WORLD_SIZE", 1)),
+            "world_size": world_size(),
             "losses": timer.losses[:max(steps, LOSS_STEPS)], **_peaks(), **extra}
 
 
@@ -491,7 +493,7 @@ def worker(spec: dict) -> int:
     emit("start", pid=os.getpid(), matmul_tflops=matmul_tflops())
     shapes = [Shape(L, B) for L, B in spec["shapes"]]
     fn = _worker_ours if spec["path"] == "ours" else _worker_baseline
-    if int(os.environ.get("RANK", 0)) != 0:  # several processes: rank 0 reports
+    if not is_main_process():  # several processes: rank 0 reports
         emit = _no_emit
     return fn(spec, shapes, emit)
 
