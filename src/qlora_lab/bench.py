@@ -75,7 +75,7 @@ def run(presets, shapes, steps: int = 20, baseline: bool = False, memory_budget=
         else:
             paths.append((label, "ours", [(label, by_name[label])]))
     # Several GPUs: (kind, processes, variant name or None): that variant's overrides, launched by
-    # torchrun (data-parallel) or accelerate with configs/accelerate/fsdp_qlora.yaml (sharded).
+    # torchrun (data-parallel) or accelerate with fsdp_qlora.yaml (sharded; the package's copy of configs/accelerate/).
     multi = []
     for kind, nproc, name in multi_gpu:
         ref = f"ours[{name}]" if name else "ours"
@@ -124,8 +124,9 @@ def default_warmup(steps: int) -> int:
 
 
 def default_output(presets, memory_budget) -> Path:
+    """bench-<tag>-<time>.json in the current folder (an installed package has no repo folders to write into)."""
     tag = "-".join(presets) + (f"-budget{memory_budget:g}" if memory_budget else "")
-    return Path("assets/bench") / f"bench-{tag}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    return Path(f"bench-{tag}-{time.strftime('%Y%m%d-%H%M%S')}.json")
 
 
 def _run_worker(spec: dict, timeout) -> tuple[list, dict]:
@@ -179,14 +180,16 @@ def launch_command(launch) -> list[str]:
 
 
 def accelerate_config(name: str) -> Path:
-    """configs/accelerate/NAME from the repo (src layout: three levels above this file), else from cwd."""
-    for root in (Path(__file__).resolve().parents[2], Path.cwd()):
-        p = root / "configs" / "accelerate" / name
-        if p.is_file():
-            return p
-    from .errors import UserError
+    """The launch config NAME shipped with the package (resources/accelerate/, a byte-identical copy of the
+    repo's configs/accelerate/NAME, which users read and edit): found wherever the package is installed."""
+    from importlib import resources
 
-    raise UserError(f"configs/accelerate/{name} not found (run from the qlora-lab repo)")
+    p = resources.files("qlora_lab") / "resources" / "accelerate" / name
+    if not p.is_file():
+        from .errors import UserError
+
+        raise UserError(f"qlora_lab/resources/accelerate/{name} not found (an incomplete install?)")
+    return Path(str(p))
 
 
 def _last_error(tail: str) -> str:
