@@ -43,6 +43,17 @@ def test_bench_cli_tiny_presets_agree_with_baseline(tmp_path):
         assert c["loss_ok"] and c["loss_max_rel_diff"] <= LOSS_TOLERANCE and c["speedup"] > 0
 
 
+def test_default_output_is_in_the_current_folder():
+    """An installed package has no assets/ folder: without --output the report lands where the user is."""
+    import re
+    from pathlib import Path
+
+    from qlora_lab.bench import default_output
+
+    out = default_output(["llama2-7b", "falcon-7b"], 15)
+    assert out.parent == Path(".") and re.fullmatch(r"bench-llama2-7b-falcon-7b-budget15-\d{8}-\d{6}\.json", out.name)
+
+
 def test_synthetic_batches_are_fixed_and_skip_special_ids():
     a = synthetic_examples(320, Shape(64, 2), steps=2)
     assert a == synthetic_examples(320, Shape(64, 2), steps=2) and len(a) == 4

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,7 +150,41 @@ def test_launchers():
     assert dp[1:3] == ["-m", "torch.distributed.run"] and "--nproc_per_node=2" in dp
     fsdp = launch_command({"kind": "fsdp", "nproc": 2})
     assert fsdp[1:3] == ["-m", "accelerate.commands.launch"] and fsdp[fsdp.index("--num_processes") + 1] == "2"
-    assert fsdp[fsdp.index("--config_file") + 1].endswith("configs/accelerate/fsdp_qlora.yaml")
+    assert fsdp[fsdp.index("--config_file") + 1].endswith("qlora_lab/resources/accelerate/fsdp_qlora.yaml")
+
+
+@pytest.mark.parametrize("name", ["ddp.yaml", "fsdp_qlora.yaml"])
+def test_the_package_ships_the_repos_accelerate_configs(name):
+    """bench launches from the package's copy (an installed wheel has no configs/ folder); users read and edit
+    configs/accelerate/. The two must not drift."""
+    from importlib import resources
+
+    from qlora_lab.bench import accelerate_config
+
+    packaged = resources.files("qlora_lab") / "resources" / "accelerate" / name
+    assert packaged.read_bytes() == (CONFIGS / "accelerate" / name).read_bytes()
+    found = accelerate_config(name)
+    assert found.is_file() and found.resolve() == Path(str(packaged)).resolve()
+    assert CONFIGS.resolve() not in found.resolve().parents
+
+
+def test_only_distributed_reads_the_launchers_environment():
+    """RANK, WORLD_SIZE, LOCAL_RANK and ACCELERATE_USE_FSDP are read in distributed.py and nowhere else."""
+    import re
+
+    import qlora_lab
+
+    names = "RANK|WORLD_SIZE|LOCAL_RANK|ACCELERATE_USE_FSDP"
+    read = re.compile(rf"""(environ\s*(\.get\s*\(|\[)|getenv\s*\()\s*['"]({names})['"]""")
+    package = Path(qlora_lab.__file__).parent
+    assert len(read.findall((package / "distributed.py").read_text())) == 4  # the pattern finds its reads
+    found = []
+    for f in sorted(package.rglob("*.py")):
+        if f != package / "distributed.py":
+            text = f.read_text()
+            found += [f"{f.relative_to(package)}:{text.count(chr(10), 0, m.start()) + 1}: {m.group(0)}"
+                      for m in read.finditer(text)]
+    assert found == [], "read qlora_lab.distributed's functions instead:\n" + "\n".join(found)
 
 
 def test_gathered_state_dict_names_are_the_models_own():

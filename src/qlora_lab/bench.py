@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .distributed import is_main_process, world_size
+
 BASELINE_LORA_R = 64     # the standard recipe's rank: the same as _bench_config's lora.r
 LOSS_STEPS = 20          # steps whose losses must agree between the two paths
 LOSS_TOLERANCE = 0.01    # relative
@@ -73,7 +75,7 @@ def run(presets, shapes, steps: int = 20, baseline: bool = False, memory_budget=
         else:
             paths.append((label, "ours", [(label, by_name[label])]))
     # Several GPUs: (kind, processes, variant name or None): that variant's overrides, launched by
-    # torchrun (data-parallel) or accelerate with configs/accelerate/fsdp_qlora.yaml (sharded).
+    # torchrun (data-parallel) or accelerate with fsdp_qlora.yaml (sharded; the package's copy of configs/accelerate/).
     multi = []
     for kind, nproc, name in multi_gpu:
         ref = f"ours[{name}]" if name else "ours"
@@ -122,8 +124,9 @@ def default_warmup(steps: int) -> int:
 
 
 def default_output(presets, memory_budget) -> Path:
+    """bench-<tag>-<time>.json in the current folder (an installed package has no repo folders to write into)."""
     tag = "-".join(presets) + (f"-budget{memory_budget:g}" if memory_budget else "")
-    return Path("assets/bench") / f"bench-{tag}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    return Path(f"bench-{tag}-{time.strftime('%Y%m%d-%H%M%S')}.json")
 
 
 def _run_worker(spec: dict, timeout) -> tuple[list, dict]:
@@ -177,14 +180,16 @@ def launch_command(launch) -> list[str]:
 
 
 def accelerate_config(name: str) -> Path:
-    """configs/accelerate/NAME from the repo (src layout: three levels above this file), else from cwd."""
-    for root in (Path(__file__).resolve().parents[2], Path.cwd()):
-        p = root / "configs" / "accelerate" / name
-        if p.is_file():
-            return p
-    from .errors import UserError
+    """The launch config NAME shipped with the package (resources/accelerate/, a byte-identical copy of the
+    repo's configs/accelerate/NAME, which users read and edit): found wherever the package is installed."""
+    from importlib import resources
 
-    raise UserError(f"configs/accelerate/{name} not found (run from the qlora-lab repo)")
+    p = resources.files("qlora_lab") / "resources" / "accelerate" / name
+    if not p.is_file():
+        from .errors import UserError
+
+        raise UserError(f"qlora_lab/resources/accelerate/{name} not found (an incomplete install?)")
+    return Path(str(p))
 
 
 def _last_error(tail: str) -> str:
@@ -409,7 +414,7 @@ def _sync_init_lora(model, path: str) -> str:
 
     state = _lora_state(model)
     p = Path(path)
-    if not p.is_file() and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    if not p.is_file() and world_size() > 1:
         return "own (several processes start from their own, identically seeded, init)"
     if p.is_file():
         saved = load_file(str(p))
@@ -476,7 +481,7 @@ def _row(spec, shape: Shape, timer, steps: int, warmup: int, hf_config, lora_r: 
             **dict(zip(("flops_per_token", "hw_flops_per_token"),
                        flops_per_token(hf_config, shape.seq_len, lora_r, recomputed))),
             "lora_r": lora_r,
-            "world_size": int(os.environ.get("WORLD_SIZE", 1)),
+            "world_size": world_size(),
             "losses": timer.losses[:max(steps, LOSS_STEPS)], **_peaks(), **extra}
 
 
@@ -491,7 +496,7 @@ def worker(spec: dict) -> int:
     emit("start", pid=os.getpid(), matmul_tflops=matmul_tflops())
     shapes = [Shape(L, B) for L, B in spec["shapes"]]
     fn = _worker_ours if spec["path"] == "ours" else _worker_baseline
-    if int(os.environ.get("RANK", 0)) != 0:  # several processes: rank 0 reports
+    if not is_main_process():  # several processes: rank 0 reports
         emit = _no_emit
     return fn(spec, shapes, emit)
 

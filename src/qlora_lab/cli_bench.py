@@ -28,7 +28,7 @@ def add_parser(sub) -> None:
                         "configs/accelerate/fsdp_qlora.yaml), with a --variant's overrides; compared with that "
                         "path on one GPU (same batch per GPU: speed, memory; same global batch: losses)")
     p.add_argument("--output", default=None, help="JSON path (a .md twin is written beside it; "
-                                                  "default: assets/bench/bench-<presets>-<time>.json)")
+                                                  "default: bench-<presets>-<time>.json in the current folder)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per worker process")
     p.set_defaults(func=cmd_bench)
 

@@ -5,6 +5,9 @@ LOCAL_RANK, WORLD_SIZE). An accelerate config with `distributed_type: FSDP` (con
 fsdp_qlora.yaml) also sets ACCELERATE_USE_FSDP=true: then the Trainer shards the model over the
 processes (FSDP-QLoRA), and the loader must store the 4-bit weights in a float dtype FSDP can
 flatten together with the 16-bit ones. `fsdp_active()` is the one test for it, used everywhere.
+
+This module is the only reader of those variables (a test greps the package for others): the rest of
+the package asks `rank()`, `world_size()`, `local_rank()`, `is_main_process()` and `fsdp_active()`.
 """
 from __future__ import annotations
 
@@ -27,8 +30,24 @@ def fsdp_active() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").strip().lower() in _TRUE
 
 
+def rank() -> int:
+    """This process's index among all processes of the launch (0 without a launcher)."""
+    return int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    """Processes in the launch (1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
 def local_rank() -> int:
+    """This process's index on its machine: the GPU it uses."""
     return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main_process() -> bool:
+    """Rank 0: the one process that writes the run folder and reports."""
+    return rank() == 0
 
 
 def quant_storage(requested: str, compute_dtype: str) -> tuple[str, str]:

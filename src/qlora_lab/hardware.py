@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from .distributed import fsdp_active, quant_storage
+from .distributed import fsdp_active, quant_storage, world_size
 
 GiB = 1024**3
 
@@ -302,12 +302,6 @@ def fsdp_words(cfg, compute_dtype: str, world: int) -> str:
             + (f"4-bit weights stored as {storage}, everything else {storage}, no fp32 upcast; " if storage else "")
             + "recomputation as planned below (non-reentrant, inside each FSDP unit; FSDP's own activation "
             "checkpointing stays off); the memory estimate counts unsharded weights (an upper bound)")
-
-
-def world_size() -> int:
-    import os
-
-    return int(os.environ.get("WORLD_SIZE", 1))
 
 
 def split_global_batch(micro: int, accum: int, world: int, reasons: list) -> tuple[int, int]:

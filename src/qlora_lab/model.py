@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .distributed import fsdp_active
+from .distributed import fsdp_active, local_rank
 from .errors import UserError
 
 log = logging.getLogger("qlora_lab.model")
@@ -166,9 +166,7 @@ def load_model(cfg, for_training: bool = False, plan=None, device_map=None):
 
 def _local_device():
     if torch.cuda.is_available():
-        import os
-
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", local_rank())
     return torch.device("cpu")
 
 

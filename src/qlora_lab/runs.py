@@ -33,6 +33,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .distributed import is_main_process
 from .errors import DamagedFileError, UserError
 from .fileio import _umask, atomic_write, check_adapter, load_torch_file, read_json, read_text
 
@@ -64,7 +65,7 @@ class RunFolder:
 
     def __init__(self, path):
         self.path = Path(path)
-        self.writer = int(os.environ.get("RANK", 0)) == 0
+        self.writer = is_main_process()
         self.resume: ResumePoint | None = None  # set by train.prepare_run_folder on --resume
 
     # -- layout

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import console
 from .config import Config, to_yaml
-from .distributed import full_state_dict
+from .distributed import full_state_dict, is_main_process
 from .errors import ConfigError, UserError
 from .runs import STATE_FILE, RunFolder, atomic_write_json, env_info
 
@@ -73,10 +73,6 @@ def prepare_run_folder(cfg: Config, output_dir, resume: bool) -> RunFolder:
         atomic_write_json(path / "env.json", env_info())
         run.set_status("running")
     return run
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", 0)) == 0
 
 
 def load_plan(cfg: Config, run: RunFolder):
