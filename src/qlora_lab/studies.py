@@ -37,15 +37,16 @@ class StudySpec:
     prompts: str               # packaged prompt set
     corpus: str                # oasst1 | lima: what offline data to synthesize
     title: str
+    short: str                 # the loss plot's title
 
 
 STUDIES = {
     "falcon7b_oasst1": StudySpec(
         "falcon7b_oasst1", ("falcon7b_oasst1_qlora.yaml",), "oasst1_levels", "oasst1",
-        "Falcon-7B + QLoRA on OASST1 (best path of every tree), lr 2e-4"),
+        "Falcon-7B + QLoRA on OASST1 (best path of every tree), lr 2e-4", "Falcon-7B + QLoRA on OASST1"),
     "llama2_7b_lima": StudySpec(
         "llama2_7b_lima", ("llama2_7b_lima_qlora.yaml", "llama2_7b_lima_lora.yaml"), "lima_examples", "lima",
-        "Llama-2-7B on LIMA: base vs QLoRA vs LoRA"),
+        "Llama-2-7B on LIMA: base vs QLoRA vs LoRA", "Llama-2-7B on LIMA: QLoRA vs LoRA"),
 }
 OFFLINE_SEED = 0  # the synthetic corpora's seed (data/synthetic.py): same seed, same files
 
@@ -157,7 +158,8 @@ def run(name: str, study_dir, work_dir="runs/studies", offline: bool = False, ov
     title = title or study.title + (" (random weights of the real shape: the text is gibberish)" if offline else "")
     report.write_study(study_dir, runs, rows, prompts=study.prompts, title=title)
     _add_measured(Path(study_dir) / "summary.json", meas, offline)
-    plots.save_figure(plots.loss_figure(plots.load_curves(runs), title=title), Path(study_dir) / "loss.png")
+    short = study.short + (" (random weights of the real shape)" if offline else "")
+    plots.save_figure(plots.loss_figure(plots.load_curves(runs), title=short), Path(study_dir) / "loss.png")
     return Path(study_dir)
 
 
