@@ -60,7 +60,7 @@ def bf16_errors(model, x, device_type: str) -> dict:
     cancelling terms carry errors of u x the sum of |terms|, far above |entry|. The fair question is
     whether the fused path is as accurate as peft's own bf16 path.
     """
-    from qlora_lab.model import _is_4bit
+    from qlora_lab.quant import is_4bit
 
     def run(autocast: bool, fused: bool):
         (fused_lora.enable if fused else fused_lora.disable)(model)
@@ -75,7 +75,7 @@ def bf16_errors(model, x, device_type: str) -> dict:
     fused_loss, fused = run(True, True)
     model.float()  # the same weights, computed in fp32: norms and head upcast, 4-bit layers in fp32
     for m in model.modules():
-        if _is_4bit(m):
+        if is_4bit(m):
             m.compute_dtype = torch.float32
     loss32, ref = run(False, False)
     out = {"loss": (abs(peft_loss - loss32), abs(fused_loss - loss32)), "loss32": loss32}
