@@ -8,8 +8,8 @@ import json
 
 import torch
 
-from qlora_lab import kernels
 from qlora_lab.bench import LOSS_TOLERANCE, Shape, synthetic_examples
+from qlora_lab.kernels import liger
 
 from .conftest import run_cli
 
@@ -68,8 +68,8 @@ def test_falcon_fused_head_and_attention_compute_the_same(tmp_path):
     path = make_model("tiny-falcon", tmp_path / "m")
     ref = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").train()
     fast = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").train()
-    assert kernels.falcon_flash_attention(fast) == 2
-    kernels.fuse_lm_head_loss(fast, kernels.torch_linear_cross_entropy)
+    assert liger.falcon_flash_attention(fast) == 2
+    liger.fuse_lm_head_loss(fast, liger.torch_linear_cross_entropy)
     ids = torch.randint(4, 320, (2, 40))
     labels = ids.clone()
     labels[:, :5] = -100

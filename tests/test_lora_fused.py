@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlora_lab import lora_fused
+from qlora_lab.kernels import fused_lora
 from qlora_lab.config import load_config
 from qlora_lab.model import add_lora, load_model
 
@@ -37,15 +37,15 @@ def test_same_loss_and_gradients_as_peft_without_dropout(name, checkpointing):
     model.train()
     x = torch.randint(4, 200, (2, 16))
     ref_loss, ref = _loss_and_grads(model, x)
-    n = lora_fused.enable(model)
-    assert n == lora_fused.count(model) > 0
+    n = fused_lora.enable(model)
+    assert n == fused_lora.count(model) > 0
     loss, got = _loss_and_grads(model, x)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     assert got.keys() == ref.keys()
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-6, msg=k)
     assert any(g.abs().sum() > 0 for k, g in got.items() if "lora_A" in k)
-    assert lora_fused.disable(model) == n and lora_fused.count(model) == 0
+    assert fused_lora.disable(model) == n and fused_lora.count(model) == 0
     loss2, _ = _loss_and_grads(model, x)
     torch.testing.assert_close(loss2, ref_loss)
 
@@ -60,10 +60,10 @@ def bf16_errors(model, x, device_type: str) -> dict:
     cancelling terms carry errors of u x the sum of |terms|, far above |entry|. The fair question is
     whether the fused path is as accurate as peft's own bf16 path.
     """
-    from qlora_lab.model import _is_4bit
+    from qlora_lab.quant import is_4bit
 
     def run(autocast: bool, fused: bool):
-        (lora_fused.enable if fused else lora_fused.disable)(model)
+        (fused_lora.enable if fused else fused_lora.disable)(model)
         model.zero_grad(set_to_none=True)
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
             loss = model(input_ids=x, labels=x).loss
@@ -75,7 +75,7 @@ def bf16_errors(model, x, device_type: str) -> dict:
     fused_loss, fused = run(True, True)
     model.float()  # the same weights, computed in fp32: norms and head upcast, 4-bit layers in fp32
     for m in model.modules():
-        if _is_4bit(m):
+        if is_4bit(m):
             m.compute_dtype = torch.float32
     loss32, ref = run(False, False)
     out = {"loss": (abs(peft_loss - loss32), abs(fused_loss - loss32)), "loss32": loss32}
@@ -112,7 +112,7 @@ def test_layer_with_dropout_matches_the_same_mask_by_hand():
     b = torch.randn(6, 4, requires_grad=True)
     p, s = 0.3, 0.5
     torch.manual_seed(7)
-    y = lora_fused.LoRALinearFunction.apply(x, w, None, None, a, b, s, p, torch.float32)
+    y = fused_lora.LoRALinearFunction.apply(x, w, None, None, a, b, s, p, torch.float32)
     g = torch.randn_like(y)
     y.backward(g)
     got = (y.detach(), x.grad.clone(), a.grad.clone(), b.grad.clone())
@@ -134,7 +134,7 @@ def test_fp32_adapters_get_fp32_gradients_under_bf16_compute():
     w = torch.randn(6, 8, dtype=torch.bfloat16)
     a = torch.randn(4, 8, requires_grad=True)
     b = torch.randn(6, 4, requires_grad=True)
-    y = lora_fused.LoRALinearFunction.apply(x, w, None, None, a, b, 2.0, 0.0, torch.bfloat16)
+    y = fused_lora.LoRALinearFunction.apply(x, w, None, None, a, b, 2.0, 0.0, torch.bfloat16)
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
     assert a.grad.dtype == b.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
@@ -143,10 +143,10 @@ def test_fp32_adapters_get_fp32_gradients_under_bf16_compute():
 def test_eval_and_generation_use_peft_forward():
     """No grad (generation) or eval mode: the fused function is not called (bnb's inference kernels are)."""
     model = _model("tiny_llama_qlora")
-    lora_fused.enable(model)
+    fused_lora.enable(model)
     calls = []
-    orig = lora_fused.LoRALinearFunction.apply
-    lora_fused.LoRALinearFunction.apply = staticmethod(lambda *a: calls.append(1) or orig(*a))
+    orig = fused_lora.LoRALinearFunction.apply
+    fused_lora.LoRALinearFunction.apply = staticmethod(lambda *a: calls.append(1) or orig(*a))
     try:
         x = torch.randint(4, 200, (1, 8))
         model.eval()
@@ -157,7 +157,7 @@ def test_eval_and_generation_use_peft_forward():
         model(input_ids=x, labels=x).loss.backward()
         assert calls
     finally:
-        lora_fused.LoRALinearFunction.apply = orig
+        fused_lora.LoRALinearFunction.apply = orig
 
 
 def test_training_uses_it_by_default_and_config_turns_it_off(tmp_path):

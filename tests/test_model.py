@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from qlora_lab.config import load_config
-from qlora_lab.model import QuantizationError, TARGETS, add_lora, load_model
+from qlora_lab.model import TARGETS, add_lora, load_model
+from qlora_lab.quant import QuantizationError
 
 from .conftest import CONFIGS
 
@@ -38,18 +39,18 @@ def test_lora_config_loads_16bit():
 
 def test_falcon_linear_subclass_would_be_skipped_by_the_loader(monkeypatch):
     """Without our alias the loader leaves FalconLinear in 16 bits; the fallback quantizes it."""
-    import qlora_lab.model as M
+    import qlora_lab.quant as Q
 
-    monkeypatch.setattr(M, "_LINEAR_ALIASES", {})
+    monkeypatch.setattr(Q, "_LINEAR_ALIASES", {})
     _, _, s = load_model(_cfg("tiny_falcon_qlora"))
     assert s["n_linear_4bit"] == s["n_linear_expected_4bit"] == 8
 
 
 def test_still_16bit_after_fallback_is_an_error(monkeypatch):
-    import qlora_lab.model as M
+    import qlora_lab.quant as Q
 
-    monkeypatch.setattr(M, "_LINEAR_ALIASES", {})
-    monkeypatch.setattr(M, "quantize_in_place", lambda *a, **k: None)
+    monkeypatch.setattr(Q, "_LINEAR_ALIASES", {})
+    monkeypatch.setattr(Q, "quantize_in_place", lambda *a, **k: None)
     with pytest.raises(QuantizationError, match="still 16-bit"):
         load_model(_cfg("tiny_falcon_qlora"))
 
@@ -187,7 +188,7 @@ def test_bitsandbytes_would_repack_an_unpinned_layer_on_its_first_eval_forward()
 
 @pytest.mark.parametrize("name", ["tiny_llama_qlora", "tiny_falcon_qlora"])
 def test_4bit_layers_compute_the_same_in_training_eval_generation_and_reload(name):
-    from qlora_lab.model import cpu_repacked_layers
+    from qlora_lab.quant import cpu_repacked_layers
 
     cfg = load_config(CONFIGS / f"{name}.yaml")
     model, tok, _ = load_model(cfg)

@@ -359,12 +359,12 @@ def test_failed_json_write_keeps_the_previous_file(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- 6. quantization skipped
 
 def test_linear_layer_left_16bit_is_refused_end_to_end(tmp_path, capsys, monkeypatch):
-    import qlora_lab.model as M
+    import qlora_lab.quant as Q
 
     # FalconLinear, an nn.Linear subclass, is what transformers' 4-bit loader skips; take away
     # both the load-time alias and the in-place fallback.
-    monkeypatch.setattr(M, "_LINEAR_ALIASES", {})
-    monkeypatch.setattr(M, "quantize_in_place", lambda *a, **k: None)
+    monkeypatch.setattr(Q, "_LINEAR_ALIASES", {})
+    monkeypatch.setattr(Q, "quantize_in_place", lambda *a, **k: None)
     out = tmp_path / "run"
     rc, err = _main(capsys, out, config=CONFIGS / "tiny_falcon_qlora.yaml")
     assert rc == 2

@@ -520,7 +520,8 @@ def _train_ours(spec, label, overrides, shape, model, summary, emit):
     from torch.utils.data import SequentialSampler
     from transformers import set_seed
 
-    from . import lora_fused, train
+    from . import train
+    from .kernels import fused_lora
 
     trainer = None
     cfg = _bench_config(spec["preset"], shape, spec["steps"], spec["memory_budget"], overrides)
@@ -553,7 +554,7 @@ def _train_ours(spec, label, overrides, shape, model, summary, emit):
         emit("row", row=_row({**spec, "label": label}, shape, timer, spec["steps"], spec["warmup"], hf_config,
                              cfg.lora.r, recomputed, {
             "plan": plan.to_dict(), "plan_words": words, "kernels": summary.get("kernels"),
-            "fused_lora_modules": lora_fused.count(model),
+            "fused_lora_modules": fused_lora.count(model),
             "launch": (spec.get("launch") or {}).get("kind"), "reference": (spec.get("launch") or {}).get("ref"),
             "weights_bytes": summary.get("weights_bytes"), "n_linear_16bit":
                 summary.get("n_linear_expected_4bit", 0) - summary.get("n_linear_4bit", 0) if summary.get("quantization") else None,
@@ -570,14 +571,14 @@ def _train_ours(spec, label, overrides, shape, model, summary, emit):
 
 def _apply_plan(model, plan) -> None:
     """Switch the runtime choices of a loaded PeftModel to `plan`: recomputation and fused LoRA."""
-    from . import lora_fused
+    from .kernels import fused_lora
     from .model import set_recomputation
 
     set_recomputation(model.get_base_model(), plan.recompute)
     if plan.fused_lora:
-        lora_fused.enable(model)
+        fused_lora.enable(model)
     else:
-        lora_fused.disable(model)
+        fused_lora.disable(model)
 
 
 def _failed_row(spec, shape, e) -> dict:

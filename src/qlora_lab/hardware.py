@@ -41,7 +41,7 @@ class Plan:
     mixed_precision: str | None    # Trainer flag: "bf16" | "fp16" | None
     gradient_checkpointing: bool   # any layer recomputed
     kernels: str                   # "liger" | "none"
-    fused_lora: bool               # LoRA layers through lora_fused.LoRALinearFunction
+    fused_lora: bool               # LoRA layers through kernels.fused_lora.LoRALinearFunction
     optim: str
     per_device_train_batch_size: int
     gradient_accumulation_steps: int
@@ -135,7 +135,7 @@ def activation_bytes_per_token(model_config, checkpointing: bool, seq_len: int =
     block: 9) and 3.6 MLP-width 16-bit vectors, fitted to the H100 peaks at 8x512 (bench runs 1 and 3). Falcon's
     attention without our fix stores its T x T scores (SDPA math kernel): 4 x heads x T bytes more.
     With recomputation only the layer's input (one hidden vector) stays. The fused LoRA layer
-    (lora_fused.py) keeps a shared input once where peft keeps a dropped-out copy per layer.
+    (kernels/fused_lora.py) keeps a shared input once where peft keeps a dropped-out copy per layer.
     """
     s = _shape(model_config)
     if checkpointing:

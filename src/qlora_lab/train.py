@@ -105,7 +105,8 @@ def load_data(cfg: Config, tokenizer, run: RunFolder):
 
 
 def load_model(cfg: Config, plan, run: RunFolder):
-    from . import kernels, lora_fused
+    from . import kernels
+    from .kernels import fused_lora as lora_fused
     from .model import add_lora
     from .model import load_model as load_base
 

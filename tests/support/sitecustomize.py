@@ -4,7 +4,7 @@ bitsandbytes picks its 4-bit CPU kernel by CPU feature: where the CPU has AVX512
 repacks its weight for another kernel on its first no-grad forward outside training mode. The machines
 that run these tests differ (that path broke resume and reload on one CPU generation and passed on
 another), so every test process reports the feature as present: the path a repack would take is the one
-tested everywhere, and qlora_lab must keep it from happening (model.pin_cpu_kernel).
+tested everywhere, and qlora_lab must keep it from happening (quant.pin_cpu_kernel).
 """
 import importlib.abc
 import importlib.util

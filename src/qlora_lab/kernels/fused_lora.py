@@ -27,10 +27,11 @@ gradients against peft's path on the CPU, in 4-bit and 16-bit.
 """
 from __future__ import annotations
 
-import functools
 import types
 
 import torch
+
+from ..quant import is_4bit
 
 _ATTR = "_qlora_lab_fused_lora"
 
@@ -103,31 +104,16 @@ class LoRALinearFunction(torch.autograd.Function):
 
 def _quant_state(base):
     """The 4-bit weight's quantization state, or None for a 16-bit nn.Linear base layer."""
-    if not _is_4bit(base):
+    if not is_4bit(base):
         return None
     qs = getattr(base.weight, "quant_state", None)
     return qs if qs is not None else base.quant_state
 
 
-@functools.cache
-def _linear4bit():
-    """bitsandbytes' Linear4bit class, looked up once (None without bitsandbytes)."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return None
-    return bnb.nn.Linear4bit
-
-
-def _is_4bit(base) -> bool:
-    cls = _linear4bit()
-    return cls is not None and isinstance(base, cls)
-
-
 def _compute_dtype(base, x):
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
-    if _is_4bit(base) and base.compute_dtype is not None:
+    if is_4bit(base) and base.compute_dtype is not None:
         return base.compute_dtype
     return base.weight.dtype if base.weight.is_floating_point() else x.dtype
 
@@ -161,7 +147,7 @@ def eligible(module) -> bool:
     if not isinstance(module, LoraLayer) or not hasattr(module, "lora_A"):
         return False
     base = module.get_base_layer()
-    if type(base) is not torch.nn.Linear and not _is_4bit(base):
+    if type(base) is not torch.nn.Linear and not is_4bit(base):
         return False
     if any(getattr(module, "use_dora", {}).values()) or any(getattr(module, "lora_bias", {}).values()):
         return False
