@@ -132,14 +132,14 @@ def exact_match(rows: list[dict], answers: dict[str, str]) -> tuple[dict, dict]:
 
 def train_all(configs, overrides=(), runs_dir=None) -> list[Path]:
     """Train each config (a path or a Config); run folders go to runs_dir/<run name> when given."""
-    from . import train
+    from . import training
     from .config import load_config
 
     runs = []
     for c in configs:
         cfg = c if isinstance(c, Config) else load_config(c, list(overrides))
         name = cfg.train.run_name or Path(cfg.source or "run").stem
-        runs.append(train.main(cfg, output_dir=Path(runs_dir) / name if runs_dir else None))
+        runs.append(training.main(cfg, output_dir=Path(runs_dir) / name if runs_dir else None))
     return runs
 
 
