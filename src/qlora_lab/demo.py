@@ -144,7 +144,7 @@ def train_all(configs, overrides=(), runs_dir=None) -> list[Path]:
 
 
 def run_demo(out_dir="qlora-lab-demo", steps: Optional[int] = None, progress: bool = True) -> DemoResult:
-    from . import console, generate, plots, report, train
+    from . import console, generate, plots, report, training
     from .data.lima import prepare_lima
 
     t0 = time.perf_counter()
@@ -157,7 +157,7 @@ def run_demo(out_dir="qlora-lab-demo", steps: Optional[int] = None, progress: bo
     runs = {}
     for method in METHODS:
         cfg = demo_config(method, train_file, steps)
-        runs[method] = train.main(cfg, output_dir=out / "runs" / cfg.train.run_name)
+        runs[method] = training.main(cfg, output_dir=out / "runs" / cfg.train.run_name)
 
     prompts = demo_prompts()
     answers = {p.id: p.expected for p in prompts}
