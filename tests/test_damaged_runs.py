@@ -116,7 +116,7 @@ CHECKPOINT_FILES = ["adapter_config.json", "adapter_model.safetensors", "optimiz
 
 def _stop_after_choosing(monkeypatch):
     """--resume up to the choice of a checkpoint (and its log lines), then a UserError: no model loads."""
-    import qlora_lab.train as T
+    import qlora_lab.training.recipe as T
 
     def load_plan(*a, **k):
         raise UserError("stopped after choosing the checkpoint")

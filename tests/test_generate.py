@@ -13,11 +13,11 @@ from .conftest import CONFIGS, run_cli
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from qlora_lab import train
+    from qlora_lab import training
 
     cfg = load_config(CONFIGS / "tiny_llama_lora.yaml",
                       ["train.max_steps=3", "train.eval_steps=3", "train.save_steps=3", "logging.report_to=none"])
-    return train.main(cfg, output_dir=tmp_path_factory.mktemp("runs") / "tiny_llama_lora")
+    return training.main(cfg, output_dir=tmp_path_factory.mktemp("runs") / "tiny_llama_lora")
 
 
 def _rows(path):

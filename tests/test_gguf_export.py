@@ -28,12 +28,12 @@ TRAIN = ["train.max_steps=3", "train.eval_steps=3", "train.save_steps=3", "train
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """{(arch, dtype): (merged folder, GGUF file)}."""
-    from qlora_lab import train
+    from qlora_lab import training
 
     out = {}
     for arch in ("llama", "falcon"):
         cfg = load_config(CONFIGS / f"tiny_{arch}_qlora.yaml", TRAIN)
-        run = train.main(cfg, output_dir=tmp_path_factory.mktemp("runs") / arch)
+        run = training.main(cfg, output_dir=tmp_path_factory.mktemp("runs") / arch)
         merged = tmp_path_factory.mktemp("merged") / arch
         merge(run, merged)
         for dtype in ("f16", "bf16"):

@@ -26,10 +26,10 @@ TRAIN = ["train.max_steps=3", "train.eval_steps=3", "train.save_steps=3", "train
 
 
 def _train(tmp_path_factory, config: str):
-    from qlora_lab import train
+    from qlora_lab import training
 
     cfg = load_config(CONFIGS / config, TRAIN)
-    return Path(train.main(cfg, output_dir=tmp_path_factory.mktemp("runs") / Path(config).stem))
+    return Path(training.main(cfg, output_dir=tmp_path_factory.mktemp("runs") / Path(config).stem))
 
 
 @pytest.fixture(scope="module")

@@ -57,9 +57,9 @@ def _start(out, *extra):
 
 def _at_step(monkeypatch, step: int, fault):
     """Run fault(trainer, loss) -> loss inside the forward pass of optimizer step `step`."""
-    import qlora_lab.train as T
+    import qlora_lab.training.trainer as T
 
-    orig = T._Trainer.compute_loss
+    orig = T.Trainer.compute_loss
 
     def compute_loss(self, model, inputs, *a, **k):
         loss = orig(self, model, inputs, *a, **k)
@@ -67,7 +67,7 @@ def _at_step(monkeypatch, step: int, fault):
             loss = fault(self, loss)
         return loss
 
-    monkeypatch.setattr(T._Trainer, "compute_loss", compute_loss)
+    monkeypatch.setattr(T.Trainer, "compute_loss", compute_loss)
 
 
 def _wait_for(proc, cond, timeout=240):
@@ -272,16 +272,16 @@ def test_oom_at_first_step_names_the_knobs(tmp_path, capsys, monkeypatch):
 def test_oom_in_the_final_evaluation_keeps_the_trained_adapter(tmp_path, capsys, monkeypatch):
     import torch
 
-    import qlora_lab.train as T
+    import qlora_lab.training.trainer as T
 
-    orig = T._Trainer.compute_loss
+    orig = T.Trainer.compute_loss
 
     def compute_loss(self, model, inputs, *a, **k):
         if not model.training and self.state.global_step == 4:  # the evaluation after the last step
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
         return orig(self, model, inputs, *a, **k)
 
-    monkeypatch.setattr(T._Trainer, "compute_loss", compute_loss)
+    monkeypatch.setattr(T.Trainer, "compute_loss", compute_loss)
     out = tmp_path / "run"
     rc, err = _main(capsys, out, "--set", "train.max_steps=4", "--set", "train.eval_steps=3")
     assert rc == 0, err[-3000:]

@@ -179,7 +179,7 @@ def test_an_adapter_saved_without_its_lora_tensors_is_an_error_not_a_completed_r
     from safetensors.torch import save_file
 
     from qlora_lab.errors import UserError
-    from qlora_lab.train import _check_saved_adapter
+    from qlora_lab.training import check_saved_adapter
 
     run = RunFolder(tmp_path)
     run.write_json("model_summary.json", {"n_lora_modules": 2})
@@ -187,8 +187,8 @@ def test_an_adapter_saved_without_its_lora_tensors_is_an_error_not_a_completed_r
     a = {"x.q_proj.lora_A.weight": torch.zeros(2, 4), "x.q_proj.lora_B.weight": torch.zeros(4, 2)}
     save_file(a, str(run.adapter_dir / "adapter_model.safetensors"))
     with pytest.raises(UserError, match="saved 2 LoRA tensors, expected 4"):
-        _check_saved_adapter(run)
+        check_saved_adapter(run)
     assert run.status() == "failed: adapter saved incomplete"
     save_file({**a, "x.k_proj.lora_A.weight": torch.zeros(2, 4), "x.k_proj.lora_B.weight": torch.zeros(4, 2)},
               str(run.adapter_dir / "adapter_model.safetensors"))
-    _check_saved_adapter(run)  # whole: no error
+    check_saved_adapter(run)  # whole: no error

@@ -2,7 +2,7 @@
 
 TRL SFTTrainer + peft LoraConfig + bitsandbytes NF4 with double quantization, peft's
 prepare_model_for_kbit_training (which upcasts every non-4-bit parameter to fp32), gradient
-checkpointing, paged_adamw_32bit, bf16. Standalone on purpose: nothing from model.py or train.py,
+checkpointing, paged_adamw_32bit, bf16. Standalone on purpose: nothing from model.py or training/,
 so none of our fixes reach it. In particular transformers quantizes only modules whose type *is*
 nn.Linear, so Falcon's FalconLinear layers stay 16-bit here; `linear_layers` reports it.
 """

@@ -7,7 +7,7 @@
 Each (preset, path) runs in its own process (one crash or OOM loses only its rows), loads the model
 once and trains every (seq_len, batch_size) pair on the same synthetic batches, from the same initial
 LoRA weights (the first process saves them, the others load them). "ours" is exactly what
-`qlora-lab train` runs: train.load_plan -> train.load_model -> train.build_trainer -> Trainer.train.
+`qlora-lab train` runs: training.load_plan -> training.load_model -> training.build_trainer -> Trainer.train.
 
 Measured: median wall time per optimizer step after warm-up (data loading and logging included),
 trained tokens/s, peak allocated and reserved GPU memory, the base weights' bytes, MFU and HFU, and
@@ -473,7 +473,7 @@ def _row(spec, shape: Shape, timer, steps: int, warmup: int, hf_config, lora_r: 
          extra: dict) -> dict:
     times = timer.times[warmup:] or timer.times
     med = statistics.median(times)
-    trained = shape.batch_size * (shape.seq_len - 1)  # tokens with a next-token label, as train.py counts
+    trained = shape.batch_size * (shape.seq_len - 1)  # tokens with a next-token label, as training.Trainer counts
     return {"preset": spec["preset"], "path": spec["label"], "seq_len": shape.seq_len,
             "batch_size": shape.batch_size, "status": "ok", "steps": len(timer.times),
             "median_step_s": med, "step_times_s": [round(t, 4) for t in timer.times],
@@ -520,19 +520,19 @@ def _train_ours(spec, label, overrides, shape, model, summary, emit):
     from torch.utils.data import SequentialSampler
     from transformers import set_seed
 
-    from . import train
+    from . import training
     from .kernels import fused_lora
 
     trainer = None
     cfg = _bench_config(spec["preset"], shape, spec["steps"], spec["memory_budget"], overrides)
-    run = train.prepare_run_folder(cfg, Path(spec["workdir"]) / f"run-{label}-{shape}", resume=False)
+    run = training.prepare_run_folder(cfg, Path(spec["workdir"]) / f"run-{label}-{shape}", resume=False)
     set_seed(cfg.train.seed)
     if torch.cuda.is_available():
         torch.cuda.set_per_process_memory_fraction(1.0, 0)  # load_plan applies this run's budget, if any
-    tok, hf_config, plan = train.load_plan(cfg, run)
+    tok, hf_config, plan = training.load_plan(cfg, run)
     try:
         if model is None:
-            model = train.load_model(cfg, plan, run)
+            model = training.load_model(cfg, plan, run)
             summary = run.read_json("model_summary.json") or {}  # written by rank 0 only
             emit("model", summary=summary, lora_init=_sync_init_lora(model, spec["init_lora"]))
         else:  # the loaded model, this run's plan: recompute all, some or no layers; fused LoRA or not
@@ -540,7 +540,7 @@ def _train_ours(spec, label, overrides, shape, model, summary, emit):
             if (spec.get("launch") or {}).get("kind") != "fsdp":  # FSDP has wrapped (flattened) the LoRA weights
                 _sync_init_lora(model, spec["init_lora"])
         ds = Dataset.from_list(synthetic_examples(hf_config.vocab_size, shape, spec["steps"]))
-        trainer = train.build_trainer(cfg, plan, model, tok, ds, None, run)
+        trainer = training.build_trainer(cfg, plan, model, tok, ds, None, run)
         trainer._get_train_sampler = lambda *a, **k: SequentialSampler(ds)  # same order as the baseline
         timer = _step_timer()
         trainer.add_callback(timer)

@@ -29,9 +29,9 @@ def _load(args):
 
 def cmd_train(args) -> int:
     cfg = _load(args)
-    from . import train
+    from . import training
 
-    run_dir = train.main(cfg, output_dir=args.output_dir, resume=args.resume)
+    run_dir = training.main(cfg, output_dir=args.output_dir, resume=args.resume)
     print(f"run folder: {run_dir}")
     return 0
 

@@ -132,19 +132,19 @@ def exact_match(rows: list[dict], answers: dict[str, str]) -> tuple[dict, dict]:
 
 def train_all(configs, overrides=(), runs_dir=None) -> list[Path]:
     """Train each config (a path or a Config); run folders go to runs_dir/<run name> when given."""
-    from . import train
+    from . import training
     from .config import load_config
 
     runs = []
     for c in configs:
         cfg = c if isinstance(c, Config) else load_config(c, list(overrides))
         name = cfg.train.run_name or Path(cfg.source or "run").stem
-        runs.append(train.main(cfg, output_dir=Path(runs_dir) / name if runs_dir else None))
+        runs.append(training.main(cfg, output_dir=Path(runs_dir) / name if runs_dir else None))
     return runs
 
 
 def run_demo(out_dir="qlora-lab-demo", steps: Optional[int] = None, progress: bool = True) -> DemoResult:
-    from . import console, generate, plots, report, train
+    from . import console, generate, plots, report, training
     from .data.lima import prepare_lima
 
     t0 = time.perf_counter()
@@ -157,7 +157,7 @@ def run_demo(out_dir="qlora-lab-demo", steps: Optional[int] = None, progress: bo
     runs = {}
     for method in METHODS:
         cfg = demo_config(method, train_file, steps)
-        runs[method] = train.main(cfg, output_dir=out / "runs" / cfg.train.run_name)
+        runs[method] = training.main(cfg, output_dir=out / "runs" / cfg.train.run_name)
 
     prompts = demo_prompts()
     answers = {p.id: p.expected for p in prompts}

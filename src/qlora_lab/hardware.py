@@ -3,7 +3,7 @@
 `plan(cfg, model_config)` looks at the GPU (or its absence), the model's shape, the sequence length
 and the memory budget, and returns the compute dtype, the kernels, how many decoder layers recompute
 their activations (none, some or all), the micro-batch and the optimizer. Each config key can force a
-choice; `reasons` says why each was made, and train.py writes the plan to the run folder (plan.json).
+choice; `reasons` says why each was made, and the training recipe writes the plan to the run folder (plan.json).
 
 The memory model below is an estimate per token and per layer, fitted to the peaks measured by
 `qlora-lab bench` on an H100 (assets/bench/README.md); `est_peak_gib` is logged beside the choice so a

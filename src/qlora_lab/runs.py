@@ -66,7 +66,6 @@ class RunFolder:
     def __init__(self, path):
         self.path = Path(path)
         self.writer = is_main_process()
-        self.resume: ResumePoint | None = None  # set by train.prepare_run_folder on --resume
 
     # -- layout
     config_file = property(lambda self: self.path / "config.yaml")

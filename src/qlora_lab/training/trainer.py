@@ -1,0 +1,99 @@
+"""The Trainer subclass: counts trained tokens, checks losses and weights are finite, survives an OOM evaluation."""
+from __future__ import annotations
+
+import logging
+
+from .callbacks import close_progress_bars
+
+log = logging.getLogger("qlora_lab.train")  # the name train.log lines carry
+
+try:
+    from transformers import Trainer as _HFTrainer
+except ImportError:  # pragma: no cover - transformers is a hard dependency
+    _HFTrainer = object
+
+
+class Trainer(_HFTrainer):
+    """Trainer that counts trained (unmasked) tokens, the x-axis users compare runs on."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.tokens_trained = 0      # all processes, since the run began (restored on --resume)
+        self._tokens_resumed = 0
+        self._local_tokens = 0       # this process, this session
+        self._step_finite = None     # all micro-batch losses of this optimizer step finite (tensor)
+
+    def evaluate(self, *a, **kw):
+        """An evaluation that runs out of GPU memory is skipped with one warning; training goes on.
+
+        One process only: with several, the others would wait for this one's losses forever.
+        """
+        import torch
+
+        try:
+            return super().evaluate(*a, **kw)
+        except torch.OutOfMemoryError:
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                raise
+            close_progress_bars(self, ("prediction_bar",))  # the training bar goes on
+            torch.cuda.empty_cache()
+            log.warning("out of GPU memory evaluating at step %d: evaluation skipped, training goes on "
+                        "(evaluation batches are train.per_device_train_batch_size x data.max_length)",
+                        self.state.global_step)
+            return {}
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        ok = loss.detach().isfinite()  # no sync here; read once per step by RunCallback.on_step_end
+        self._step_finite = ok if self._step_finite is None else self._step_finite & ok
+        return loss
+
+    def step_was_finite(self) -> bool:
+        """Whether every loss since the last call was finite, agreed by all processes (a collective)."""
+        import torch
+
+        ok, self._step_finite = self._step_finite, None
+        ok = torch.ones((), dtype=torch.bool, device=self.args.device) if ok is None else ok
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            t = ok.to(torch.int32)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+            ok = t.bool()
+        return bool(ok)
+
+    def adapters_finite(self) -> bool:
+        """All trainable weights finite, agreed by all processes (a collective: under FSDP each holds a shard)."""
+        import torch
+
+        ok = all(bool(p.detach().isfinite().all()) for p in self.model.parameters() if p.requires_grad)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            t = torch.tensor(int(ok), dtype=torch.int32, device=self.args.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+            ok = bool(t)
+        return ok
+
+    @property
+    def tokens_trained_this_session(self) -> int:
+        return self.tokens_trained - self._tokens_resumed
+
+    def resume_tokens(self, n: int) -> None:
+        self.tokens_trained = self._tokens_resumed = n
+
+    def sync_tokens(self) -> int:
+        """Sum the per-process counts (a collective: every rank calls it at the same step)."""
+        import torch
+
+        n = self._local_tokens
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            t = torch.tensor([n], dtype=torch.long, device=self.args.device)
+            torch.distributed.all_reduce(t)
+            n = int(t.item())
+        self.tokens_trained = self._tokens_resumed + n
+        return self.tokens_trained
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.get("labels")
+        if labels is not None and model.training:
+            self._local_tokens += int((labels[..., 1:] != -100).sum())
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
