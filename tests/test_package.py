@@ -21,3 +21,35 @@ def test_every_verb_has_help():
     for sub in ("oasst1", "lima", "stats", "synth"):
         r = run_cli("data", sub, "--help")
         assert r.returncode == 0 and f"usage: qlora-lab data {sub}" in r.stdout, (sub, r.stderr)
+
+
+def test_imports_flow_one_way_as_design_md_says():
+    """No module imports a later stage of config -> data -> model -> training -> runs -> results -> studies."""
+    import ast
+    from pathlib import Path
+
+    import qlora_lab
+
+    pkg = Path(qlora_lab.__file__).parent
+    stage = {"errors": 0, "fileio": 0, "presets": 0, "prompts": 0, "distributed": 0, "console": 0,
+             "config": 1, "data": 2, "quant": 3, "kernels": 3, "hardware": 3, "model": 3, "runs": 4,
+             "training": 5, "generate": 6, "report": 6, "plots": 6, "merge": 6, "gguf_export": 6, "studies": 7}
+    seen = 0
+    for f in pkg.rglob("*.py"):
+        parts = f.relative_to(pkg).with_suffix("").parts
+        own = stage.get(parts[0])
+        if own is None:  # entry points (cli, bench, demo, baseline) may import anything
+            continue
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.ImportFrom) or not node.level:
+                continue
+            base = parts[:len(parts) - node.level]  # the package the relative import starts from
+            names = [*(node.module.split(".") if node.module else [])]
+            targets = [names] if names else [[a.name] for a in node.names]
+            for t in targets:
+                full = [*base, *t]
+                if not full or full[0] not in stage:
+                    continue
+                seen += 1
+                assert stage[full[0]] <= own, f"{f.relative_to(pkg)} imports {'.'.join(full)} (a later stage)"
+    assert seen > 50  # the walk found the package's imports
