@@ -31,7 +31,7 @@ from pathlib import Path
 
 from .distributed import is_main_process, world_size
 
-BASELINE_LORA_R = 64     # the standard recipe's rank: the same as _bench_config's lora.r
+LORA_R = 64              # both paths' LoRA rank (ours: _bench_config; the standard recipe: baseline.load)
 LOSS_STEPS = 20          # steps whose losses must agree between the two paths
 LOSS_TOLERANCE = 0.01    # relative
 # Variants that only change these keys run inside the "ours" process, on the model it already loaded.
@@ -392,7 +392,7 @@ def _bench_config(preset: str, shape: Shape, steps: int, budget, overrides):
     from .config import from_dict
 
     raw = {"model": {"random_init": preset},
-           "lora": {"r": 64, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear"},
+           "lora": {"r": LORA_R, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear"},
            "data": {"max_length": shape.seq_len, "eval_size": 0},
            "train": {"max_steps": steps, "per_device_train_batch_size": shape.batch_size,
                      "gradient_accumulation_steps": 1, "learning_rate": 2e-4, "lr_scheduler_type": "constant",
@@ -610,7 +610,7 @@ def _worker_baseline(spec, shapes, emit) -> int:
         try:
             set_seed(42)
             if model is None:
-                model, tok, lora, facts = baseline.load(path, dtype, lora_r=BASELINE_LORA_R, lora_alpha=16, lora_dropout=0.05)
+                model, tok, lora, facts = baseline.load(path, dtype, lora_r=LORA_R, lora_alpha=16, lora_dropout=0.05)
                 emit("model", facts=facts)
             ds = Dataset.from_list(synthetic_examples(hf_config.vocab_size, shape, spec["steps"]))
             timer = _step_timer()
@@ -624,7 +624,7 @@ def _worker_baseline(spec, shapes, emit) -> int:
             _peak_reset()
             tr.train()
             n_lora = sum(1 for _, m in model.named_modules() if hasattr(m, "lora_A") and len(m.lora_A))
-            emit("row", row=_row(spec, shape, timer, spec["steps"], spec["warmup"], hf_config, BASELINE_LORA_R,
+            emit("row", row=_row(spec, shape, timer, spec["steps"], spec["warmup"], hf_config, LORA_R,
                                  hf_config.num_hidden_layers, {  # the standard recipe recomputes every layer
                 "plan_words": "TRL SFT, ckpt all, fp32 norms/head", "weights_bytes": facts["weights_bytes"],
                 "weights_bytes_loaded": facts["weights_bytes_loaded"], "n_linear_16bit": facts["n_linear_16bit"],

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .. import console
 from ..config import Config, to_yaml
-from ..distributed import full_state_dict, is_main_process
+from ..distributed import full_state_dict
 from ..errors import ConfigError, UserError
 from ..runs import ResumePoint, RunFolder, atomic_write_json, env_info
 from .callbacks import RunCallback, num, quiet_console_logs
@@ -185,7 +185,7 @@ def open_run_folder(cfg: Config, output_dir, resume: bool) -> tuple[RunFolder, R
 
 
 def start_run_folder(cfg: Config, run: RunFolder) -> None:
-    if is_main_process():  # data-parallel runs write one run folder, from rank 0
+    if run.writer:  # data-parallel runs write one run folder, from rank 0
         from ..fileio import atomic_write
 
         run.path.mkdir(parents=True, exist_ok=True)
