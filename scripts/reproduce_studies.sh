@@ -11,8 +11,10 @@ ASSETS=${1:-assets/studies}
 WORK=${2:-runs/studies}
 LLAMA_STEPS=${LLAMA_STEPS:-}        # empty: the config's 300 steps
 BUDGET_STEPS=${BUDGET_STEPS:-}      # steps of the 15 GiB (T4-class) run of each QLoRA arm; empty: as the arm
+GPUS=${GPUS:-}                      # e.g. 0,1: a study's runs side by side, one per GPU; empty: one after another
 Q=(python3 -m qlora_lab.cli study --offline --work-dir "$WORK" --memory-budget 15 --no-progress)
 [ -n "$BUDGET_STEPS" ] && Q+=(--budget-steps "$BUDGET_STEPS")
+[ -n "$GPUS" ] && Q+=(--gpus "$GPUS")
 
 "${Q[@]}" falcon7b_oasst1 -o "$ASSETS/falcon7b_oasst1"
 "${Q[@]}" llama2_7b_lima -o "$ASSETS/llama2_7b_lima" ${LLAMA_STEPS:+--steps "$LLAMA_STEPS"}

@@ -26,7 +26,8 @@ def test_offline_study_through_the_cli_with_a_memory_budget_run(tmp_path):
     tiny = ["model.random_init=tiny-llama", "data.max_length=128", "data.eval_size=4", "generation.max_new_tokens=4",
             "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=1", "train.save_steps=100"]
     r = run_cli("study", "llama2_7b_lima", "-o", out, "--work-dir", work, "--offline", "--steps", "2",
-                "--memory-budget", "15", "--budget-steps", "1", "--no-progress", *sum((["--set", s] for s in tiny), []))
+                "--memory-budget", "15", "--budget-steps", "1", "--no-progress", "--gpus", "0,1",
+                *sum((["--set", s] for s in tiny), []))
     assert r.returncode == 0, r.stderr[-3000:]
     doc = json.loads((out / "summary.json").read_text())
     assert set(doc["measured"]) == {"llama2_7b_lima_qlora", "llama2_7b_lima_lora", "llama2_7b_lima_qlora-budget15"}
@@ -41,3 +42,48 @@ def test_offline_study_through_the_cli_with_a_memory_budget_run(tmp_path):
     assert "llama2_7b_lima_qlora" in table and "llama2_7b_lima_lora" in table and "budget15" not in table
     assert (out / "loss.png").is_file() and not list(out.rglob("*.safetensors"))
     assert (work / "llama2_7b_lima" / "data" / "lima.jsonl").is_file()
+    # --gpus 0,1: the three runs side by side, two at a time, and the tables say how the study departed
+    assert "[llama2_7b_lima_lora] " in r.stderr and "[llama2_7b_lima_qlora-budget15] " in r.stderr
+    assert "2 steps instead of the config's 300" in table and "side by side" in table
+
+
+def test_runs_share_the_gpus_one_job_per_gpu(monkeypatch, tmp_path):
+    """train_all: each job gets a GPU no other running job holds; results come back in the jobs' order."""
+    import threading
+    import time
+
+    held, lock, seen = set(), threading.Lock(), []
+
+    def fake(config, sets, out_dir, gpu=None, prefix=""):
+        with lock:
+            assert gpu not in held, f"GPU {gpu} given twice"
+            held.add(gpu)
+            seen.append((out_dir.name, gpu))
+        time.sleep(0.05)
+        with lock:
+            held.discard(gpu)
+        if out_dir.name == "bad":
+            raise UserError("bad failed")
+        return out_dir
+
+    monkeypatch.setattr(studies, "train_in_own_process", fake)
+    jobs = [studies.Job(tmp_path / "c.yaml", (), tmp_path / f"r{i}") for i in range(5)]
+    assert studies.train_all(jobs, gpus=[3, 5]) == [j.out_dir for j in jobs]
+    assert {g for _, g in seen} == {3, 5} and len(seen) == 5
+    seen.clear()
+    assert studies.train_all(jobs[:2], gpus=[7]) == [j.out_dir for j in jobs[:2]] and {g for _, g in seen} == {7}
+    seen.clear()
+    with pytest.raises(UserError, match="bad failed"):  # raised once every other job has finished
+        studies.train_all([studies.Job(tmp_path / "c.yaml", (), tmp_path / "bad"), *jobs[:3]], gpus=[0, 1])
+    assert len(seen) == 4
+
+
+@pytest.mark.parametrize("bad", ["0,x", "1,1", "-1"])
+def test_bad_gpu_list_is_one_line(bad, capsys):
+    from qlora_lab.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["study", "llama2_7b_lima", "-o", "x", "--gpus", bad])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--gpus" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

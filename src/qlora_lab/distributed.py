@@ -45,6 +45,16 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
+def gpu_env(gpu: int) -> dict:
+    """The environment for a child process that is to see only GPU `gpu` (as its cuda:0)."""
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
+
+
+def use_gpus(gpus) -> None:
+    """Let this process see only `gpus` (before it first touches CUDA; after, it changes nothing)."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
+
+
 def is_main_process() -> bool:
     """Rank 0: the one process that writes the run folder and reports."""
     return rank() == 0

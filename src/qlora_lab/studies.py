@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -104,32 +106,76 @@ def measured(run_dir) -> dict:
     }
 
 
-def train_in_own_process(config, sets: Sequence[str], out_dir) -> Path:
+def train_in_own_process(config, sets: Sequence[str], out_dir, gpu: Optional[int] = None,
+                         prefix: str = "") -> Path:
     """`qlora-lab train` in a child process, its output passed through; returns the run folder.
 
     One process per arm: a process keeps part of what an arm allocated (library objects hold the model),
     so a second arm in the same process would count it in its peak memory, and under a memory cap run out
     (seen on an H200: a 15 GiB run after the two Llama arms started with 17 GiB already allocated).
+    gpu: the one GPU the child sees (CUDA_VISIBLE_DEVICES); prefix: put before each of its output lines,
+    so that arms running side by side can be told apart.
     """
+    from .distributed import gpu_env
+
     cmd = [sys.executable, "-m", "qlora_lab.cli", "train", str(config), "--output-dir", str(out_dir)]
     for s in sets:
         cmd += ["--set", s]
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as p:
+    env = None if gpu is None else gpu_env(gpu)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                          env=env) as p:
         for line in p.stdout:  # through sys.stderr, so that a notebook shows it
-            sys.stderr.write(line)
+            sys.stderr.write(prefix + line)
     if p.returncode != 0:
         raise UserError(f"{out_dir}: training {config} failed (exit {p.returncode}); its log: {out_dir}/train.log")
     return Path(out_dir)
 
 
+@dataclass(frozen=True)
+class Job:
+    config: Path
+    sets: tuple[str, ...]
+    out_dir: Path
+
+
+def train_all(jobs: Sequence[Job], gpus: Optional[Sequence[int]] = None) -> list[Path]:
+    """Train every job, each in its own process; returns their run folders in the jobs' order.
+
+    Without gpus (or with one), one after the other. With several, side by side: each job takes the next
+    free GPU and has it to itself, so that its time and peak memory are its own (a study's arms and its
+    memory-budget run on a 2-GPU box: the wall time of the longest instead of the sum). A failed job
+    fails the study once the others have finished; their run folders stay.
+    """
+    if not gpus or len(gpus) == 1:
+        gpu = gpus[0] if gpus else None
+        return [train_in_own_process(j.config, j.sets, j.out_dir, gpu=gpu) for j in jobs]
+    free: queue.Queue = queue.Queue()
+    for g in gpus:
+        free.put(g)
+
+    def one(job: Job) -> Path:
+        gpu = free.get()
+        try:
+            log.info("%s: training on GPU %s", job.out_dir.name, gpu)
+            return train_in_own_process(job.config, job.sets, job.out_dir, gpu=gpu, prefix=f"[{job.out_dir.name}] ")
+        finally:
+            free.put(gpu)
+
+    with ThreadPoolExecutor(max_workers=len(gpus)) as pool:
+        futures = [pool.submit(one, j) for j in jobs]
+        wait(futures)
+    return [f.result() for f in futures]  # the first failure, in the jobs' order, raises here
+
+
 def run(name: str, study_dir, work_dir="runs/studies", offline: bool = False, overrides: Sequence[str] = (),
         steps: Optional[int] = None, budget_gib: Optional[float] = None, budget_steps: Optional[int] = None,
         configs_dir="configs", configs: Optional[Sequence] = None, progress: bool = True,
-        title: Optional[str] = None) -> Path:
+        title: Optional[str] = None, gpus: Optional[Sequence[int]] = None) -> Path:
     """Train every arm, answer the prompts, plot, and write `study_dir`; returns it.
 
     configs: other config files for the arms (the QLoRA arm first), e.g. the tiny CPU twins; default the
-    study's own, under configs_dir.
+    study's own, under configs_dir. gpus: GPU indices to train the arms (and the memory-budget run) on
+    side by side, one per GPU (train_all); the answers are then generated on the first of them.
     """
     from . import generate, plots, report
     from .config import load_config
@@ -147,20 +193,40 @@ def run(name: str, study_dir, work_dir="runs/studies", offline: bool = False, ov
         common = offline_data(study, work) + common
     sets = {p: (offline_overrides(p) if offline else []) + common for p in paths}
     cfgs = [load_config(p, sets[p]) for p in paths]  # validated before anything trains
-    runs = [train_in_own_process(p, sets[p], work / Path(p).stem) for p in paths]
-    meas = {Path(r).name: measured(r) for r in runs}
+    jobs = [Job(p, tuple(sets[p]), work / p.stem) for p in paths]
     if budget_gib:  # the QLoRA arm again, capped like a smaller GPU; its folder stays out of the tables
         extra = [f"train.memory_budget_gib={budget_gib}"] + ([f"train.max_steps={budget_steps}"] if budget_steps else [])
-        r = train_in_own_process(paths[0], sets[paths[0]] + extra, work / f"{paths[0].stem}-budget{budget_gib:g}")
-        meas[Path(r).name] = measured(r)
+        jobs.append(Job(paths[0], tuple(sets[paths[0]] + extra), work / f"{paths[0].stem}-budget{budget_gib:g}"))
+    if gpus:
+        from .distributed import use_gpus
+
+        use_gpus(gpus[:1])  # this process (the answers) on the first; each job sets its own
+    trained = train_all(jobs, gpus)
+    runs = trained[:len(paths)]
+    meas = {Path(r).name: measured(r) for r in trained}
+    notes = _notes([load_config(p).train.max_steps for p in paths], steps,
+                   gpus if gpus and len(gpus) > 1 else None, len(jobs))
     gen = cfgs[0].generation
     rows = generate.run(generate.targets_for(runs, include_base=True), study.prompts, gen, progress=progress)
     title = title or study.title + (" (random weights of the real shape: the text is gibberish)" if offline else "")
-    report.write_study(study_dir, runs, rows, prompts=study.prompts, title=title)
+    report.write_study(study_dir, runs, rows, prompts=study.prompts, title=title, notes=notes)
     _add_measured(Path(study_dir) / "summary.json", meas, offline)
     short = study.short + (" (random weights of the real shape)" if offline else "")
     plots.save_figure(plots.loss_figure(plots.load_curves(runs), title=short), Path(study_dir) / "loss.png")
     return Path(study_dir)
+
+
+def _notes(config_steps: Sequence[int], steps: Optional[int], gpus: Optional[Sequence[int]],
+           n_jobs: int) -> list[str]:
+    """How the study ran where it departs from its configs or runs side by side: said in its tables."""
+    notes = []
+    if steps and any(n != steps for n in config_steps):
+        notes.append(f"Every arm trained {steps} steps instead of the config's "
+                     f"{', '.join(sorted({str(n) for n in config_steps}))}; config otherwise unchanged.")
+    if gpus:
+        notes.append(f"The {n_jobs} training runs ran side by side in their own processes, one per GPU "
+                     f"(GPUs {', '.join(map(str, gpus))} of one machine): each time and peak is its own run's.")
+    return notes
 
 
 def _add_measured(summary_file: Path, meas: dict, offline: bool) -> None:
@@ -186,9 +252,23 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=int, help="train.max_steps for every arm (default: the configs')")
     p.add_argument("--memory-budget", type=float, help="also train the QLoRA arm under this many GiB (15: a T4)")
     p.add_argument("--budget-steps", type=int, help="steps of the memory-budget run (default: as the others)")
+    p.add_argument("--gpus", type=_gpu_list, metavar="I,J,...",
+                   help="train the arms (and the memory-budget run) side by side, one per GPU (e.g. 0,1)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="config override for every arm (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=lambda a: run(a.name, a.output, a.work_dir, offline=a.offline, overrides=a.set,
                                       steps=a.steps, budget_gib=a.memory_budget, budget_steps=a.budget_steps,
-                                      configs_dir=a.configs_dir, progress=not a.no_progress) and 0)
+                                      configs_dir=a.configs_dir, progress=not a.no_progress, gpus=a.gpus) and 0)
+
+
+def _gpu_list(text: str) -> list[int]:
+    import argparse
+
+    try:
+        gpus = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: GPU indices separated by commas, e.g. 0,1") from None
+    if not gpus or min(gpus) < 0 or len(set(gpus)) != len(gpus):
+        raise argparse.ArgumentTypeError(f"{text!r}: distinct GPU indices >= 0, e.g. 0,1")
+    return gpus
