@@ -90,7 +90,7 @@ def test_falcon_fused_head_and_attention_compute_the_same(tmp_path):
 def test_model_flops_count_a_frozen_base_as_forward_and_input_gradients():
     """4 x frozen + 6 x LoRA + attention; recomputation only in the hardware count; the run's rank."""
     from qlora_lab.bench import flops_per_token
-    from qlora_lab.hardware import param_counts
+    from qlora_lab.memory import param_counts
     from qlora_lab.presets import model_config
 
     mc = model_config("llama2-7b")

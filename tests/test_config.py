@@ -94,13 +94,23 @@ def test_model_needs_exactly_one_source():
         from_dict({"model": {}})
 
 
-def test_4bit_needs_bitsandbytes_backend(monkeypatch):
-    import qlora_lab.config as c
+def test_schema_does_not_look_at_the_machine(monkeypatch):
+    """Whether bitsandbytes or FSDP is here is plan.check_machine's (tests/test_plan.py), not the schema's."""
+    import qlora_lab.quant as quant
 
-    monkeypatch.setattr(c, "bitsandbytes_problem", lambda: "bitsandbytes is not installed")
-    with pytest.raises(ConfigError, match="quant.bits: 4 needs bitsandbytes"):
-        from_dict({"model": {"random_init": "tiny-llama"}, "quant": {"bits": 4}})
-    from_dict({"model": {"random_init": "tiny-llama"}, "quant": {"bits": None}})
+    monkeypatch.setattr(quant, "bitsandbytes_problem", lambda: "bitsandbytes is not installed")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    cfg = from_dict({"model": {"random_init": "tiny-llama"}, "quant": {"bits": 4, "bnb_4bit_quant_storage": "uint8"}})
+    assert cfg.is_qlora and cfg.quant.bnb_4bit_quant_storage == "uint8"
+
+
+def test_where_names_the_file_and_line_of_a_key(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  random_init: tiny-llama\nquant:\n  bits: 4\n")
+    cfg = load_config(p, ["quant.bnb_4bit_quant_type=fp4"])
+    assert cfg.where("quant", "bits") == f"{p}:4" and cfg.where("quant", "bnb_4bit_quant_type") == "--set"
+    assert cfg.where("train", "seed") == str(p)  # not in the file: the file
+    assert cfg == load_config(p, ["quant.bnb_4bit_quant_type=fp4"]) and "locations" not in cfg.to_dict()
 
 
 def test_cli_bad_config_exit_2_one_line_no_traceback(tmp_path):
@@ -125,13 +135,3 @@ def test_cli_bad_quant_storage_exit_2_names_file_and_line(tmp_path):
     r = run_cli("config", p)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"{p}:5: quant.bnb_4bit_quant_storage: must be one of auto, uint8" in r.stderr
-
-
-def test_uint8_storage_is_refused_under_fsdp(monkeypatch, tmp_path):
-    p = tmp_path / "c.yaml"
-    p.write_text("model:\n  random_init: tiny-llama\nquant:\n  bnb_4bit_quant_storage: uint8\n")
-    load_config(p)  # one model per process: uint8 is bitsandbytes' default
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(ConfigError, match=r":4: quant.bnb_4bit_quant_storage: uint8 cannot be sharded by FSDP"):
-        load_config(p)
-    assert load_config(p, ["quant.bnb_4bit_quant_storage=auto"]).quant.bnb_4bit_quant_storage == "auto"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from qlora_lab.runs import RunFolder
-from qlora_lab.hardware import split_global_batch
+from qlora_lab.plan import _choose_process_batch
 from qlora_lab.errors import ConfigError
 
 from .conftest import CONFIGS, ROOT, run_cli
@@ -45,13 +45,13 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, name):
 
 
 def test_global_batch_split():
-    reasons = []
-    assert split_global_batch(4, 4, 1, reasons) == (4, 4)
-    assert split_global_batch(4, 4, 2, reasons) == (4, 2)
-    assert split_global_batch(4, 1, 2, reasons) == (2, 1)
-    assert split_global_batch(3, 4, 4, reasons) == (3, 1)
+    assert _choose_process_batch(4, 4, 1) == ((4, 4), None)
+    assert _choose_process_batch(4, 4, 2)[0] == (4, 2)
+    assert _choose_process_batch(4, 1, 2)[0] == (2, 1)
+    assert _choose_process_batch(3, 4, 4) == ((3, 1), "global batch 12 sequences over 4 processes: micro-batch 3 x "
+                                                      "1 accumulation steps in each")
     with pytest.raises(ConfigError, match="cannot be split evenly over 4"):
-        split_global_batch(3, 1, 4, [])
+        _choose_process_batch(3, 1, 4)
 
 
 # ----------------------------------------------------------------------------- FSDP (sharded)
@@ -78,7 +78,7 @@ def test_adapter_is_saved_from_the_gathered_state_dict(tmp_path):
 
     cfg = load_config(CONFIGS / "tiny_llama_qlora.yaml")
     model, _, _ = load_model(cfg, for_training=True)
-    peft_model, _ = add_lora(model, cfg, gradient_checkpointing=False)
+    peft_model, _ = add_lora(model, cfg, recompute_layers=0)
     full = {k: v.clone() for k, v in peft_model.state_dict().items()}
     key = next(k for k in full if "lora_B" in k)
     full[key] = torch.full_like(full[key], 0.25)  # what the gathered shards say, not the local model
@@ -212,7 +212,7 @@ def test_an_adapter_written_from_a_gathered_state_dict_loads_in_stock_peft(tmp_p
 
     cfg = load_config(CONFIGS / "tiny_llama_lora.yaml")
     model, _, _ = load_model(cfg, for_training=True)
-    model, _ = add_lora(model, cfg, False)
+    model, _ = add_lora(model, cfg, 0)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:

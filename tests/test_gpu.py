@@ -15,7 +15,7 @@ def test_plan_on_cuda_keeps_paged_optimizer_and_picks_a_16bit_dtype():
     import torch
     from transformers import AutoConfig
 
-    from qlora_lab.hardware import plan
+    from qlora_lab.plan import plan
     from qlora_lab.model import model_path
 
     cfg = load_config(CONFIGS / "tiny_llama_qlora.yaml", ["train.optim=paged_adamw_32bit"])

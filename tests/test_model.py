@@ -60,7 +60,7 @@ def test_lora_on_all_linear_and_gradients_flow(name):
     cfg = _cfg(name)
     model, _, _ = load_model(cfg, for_training=True)
     arch = model.config.model_type
-    peft_model, info = add_lora(model, cfg, gradient_checkpointing=True)
+    peft_model, info = add_lora(model, cfg, recompute_layers=model.config.num_hidden_layers)
     assert info["lora_targets"] == TARGETS[arch]
     assert info["n_lora_modules"] == len(TARGETS[arch]) * model.config.num_hidden_layers
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
@@ -73,10 +73,28 @@ def test_lora_on_all_linear_and_gradients_flow(name):
     assert all(g is not None for g in grads)
 
 
+@pytest.mark.parametrize("name", ["tiny_llama_lora", "tiny_falcon_qlora"])
+def test_recomputation_is_a_layer_count(name):
+    """set_recomputation(model, k): the first k decoder layers recompute, 0 = none, the depth = all."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from qlora_lab.model import set_recomputation
+
+    model, _, _ = load_model(_cfg(name), for_training=True)
+    n = model.config.num_hidden_layers
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    assert len(layers) == n
+    for k, want in [(n, [True] * n), (1, [True] + [False] * (n - 1)), (0, [False] * n)]:
+        set_recomputation(model, k)
+        assert [bool(m.gradient_checkpointing) for m in layers] == want, k
+    with pytest.raises(TypeError, match="a layer count"):
+        set_recomputation(model, True)  # would read as 1 layer
+
+
 def test_explicit_targets_are_respected():
     cfg = _cfg("tiny_llama_qlora", "lora.target_modules=[q_proj, v_proj]")
     model, _, _ = load_model(cfg, for_training=True)
-    _, info = add_lora(model, cfg, gradient_checkpointing=False)
+    _, info = add_lora(model, cfg, recompute_layers=0)
     assert info["n_lora_modules"] == 2 * model.config.num_hidden_layers
 
 
@@ -86,7 +104,7 @@ def test_unknown_target_is_a_user_error():
     cfg = _cfg("tiny_llama_qlora", "lora.target_modules=[nope_proj]")
     model, _, _ = load_model(cfg, for_training=True)
     with pytest.raises((UserError, ValueError)):
-        add_lora(model, cfg, gradient_checkpointing=False)
+        add_lora(model, cfg, recompute_layers=0)
 
 
 def test_trust_remote_code_is_off_by_default():
@@ -123,7 +141,7 @@ def test_fsdp_loader_stores_4bit_in_the_compute_dtype_without_device_map(monkeyp
     assert seen["device_map"] is None  # FSDP places the shards
     assert seen["quantization_config"].bnb_4bit_quant_storage == want == seen["dtype"]
     assert s["n_linear_4bit"] == s["n_linear_expected_4bit"] == 14 and s["quant_storage"] == dtype
-    peft_model, _ = add_lora(model, cfg, gradient_checkpointing=True)
+    peft_model, _ = add_lora(model, cfg, recompute_layers=model.config.num_hidden_layers)
     # One dtype for everything FSDP flattens together: no fp32 upcast (not even of fp16 norms).
     frozen = {p.dtype for p in peft_model.parameters() if not p.requires_grad}
     assert frozen == {want}
@@ -137,7 +155,7 @@ def test_without_fsdp_storage_is_uint8_and_fp16_norms_are_upcast(monkeypatch):
     model, _, s = load_model(cfg, for_training=True)
     assert seen["quantization_config"].bnb_4bit_quant_storage == torch.uint8 and s["quant_storage"] == "uint8"
     assert seen["device_map"] == {"": torch.device("cpu")}
-    peft_model, _ = add_lora(model, cfg, gradient_checkpointing=False)
+    peft_model, _ = add_lora(model, cfg, recompute_layers=0)
     assert torch.float32 in {p.dtype for p in peft_model.parameters() if not p.requires_grad}
 
 
@@ -155,7 +173,7 @@ def test_bf16_storage_gives_the_same_loss_as_uint8_and_trains():
 
     model, cfg = models["bfloat16"]
     torch.manual_seed(0)
-    peft_model, _ = add_lora(model, cfg, gradient_checkpointing=True)
+    peft_model, _ = add_lora(model, cfg, recompute_layers=model.config.num_hidden_layers)
     peft_model.train()
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     before = peft_model(input_ids=x, labels=x).loss

@@ -32,7 +32,7 @@ def test_imports_flow_one_way_as_design_md_says():
 
     pkg = Path(qlora_lab.__file__).parent
     stage = {"errors": 0, "fileio": 0, "presets": 0, "prompts": 0, "distributed": 0, "console": 0,
-             "config": 1, "data": 2, "quant": 3, "kernels": 3, "hardware": 3, "model": 3, "runs": 4,
+             "config": 1, "data": 2, "quant": 3, "kernels": 3, "memory": 3, "plan": 3, "model": 3, "runs": 4,
              "training": 5, "generate": 6, "report": 6, "plots": 6, "merge": 6, "gguf_export": 6, "studies": 7}
     seen = 0
     for f in pkg.rglob("*.py"):

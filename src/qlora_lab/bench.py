@@ -460,7 +460,7 @@ def flops_per_token(hf_config, seq_len: int, lora_r: int, recomputed_layers: int
     input gradients). Hardware: plus the forward of each recomputed layer (2 x its params + its
     attention, 4 x hidden x seq_len).
     """
-    from .hardware import param_counts
+    from .memory import param_counts
 
     p = param_counts(hf_config, lora_r)
     layers, h = hf_config.num_hidden_layers, hf_config.hidden_size
@@ -546,13 +546,12 @@ def _train_ours(spec, label, overrides, shape, model, summary, emit):
         trainer.add_callback(timer)
         _peak_reset()
         trainer.train()
-        n = plan.checkpoint_layers if plan.checkpoint_layers is not None else hf_config.num_hidden_layers
+        n = plan.recompute_layers
         words = (f"{plan.kernels}{' + fused LoRA' if plan.fused_lora else ''}, ckpt {n}/{hf_config.num_hidden_layers}, "
                  f"micro {plan.per_device_train_batch_size}x{plan.gradient_accumulation_steps}"
                  + (f", budget {plan.memory_budget_gib:g} GiB" if cfg.train.memory_budget_gib else ""))
-        recomputed = 0 if not plan.gradient_checkpointing else n
         emit("row", row=_row({**spec, "label": label}, shape, timer, spec["steps"], spec["warmup"], hf_config,
-                             cfg.lora.r, recomputed, {
+                             cfg.lora.r, n, {
             "plan": plan.to_dict(), "plan_words": words, "kernels": summary.get("kernels"),
             "fused_lora_modules": fused_lora.count(model),
             "launch": (spec.get("launch") or {}).get("kind"), "reference": (spec.get("launch") or {}).get("ref"),
@@ -574,7 +573,7 @@ def _apply_plan(model, plan) -> None:
     from .kernels import fused_lora
     from .model import set_recomputation
 
-    set_recomputation(model.get_base_model(), plan.recompute)
+    set_recomputation(model.get_base_model(), plan.recompute_layers)
     if plan.fused_lora:
         fused_lora.enable(model)
     else:

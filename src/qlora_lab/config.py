@@ -2,14 +2,15 @@
 
 Every key a config may hold is a field below, with its help text and allowed values beside it.
 Validation runs before any model is loaded; an error names the file, the line, the key and what
-is allowed, e.g. ``configs/x.yaml:12: lora.r: must be an integer >= 1 (got 0)``.
+is allowed, e.g. ``configs/x.yaml:12: lora.r: must be an integer >= 1 (got 0)``. A schema only: whether
+this machine can run the config (bitsandbytes, FSDP) is plan.check_machine's, which names the key's line
+through `Config.where`.
 Key names reuse the library arguments they feed (peft's ``lora_alpha``, transformers'
 ``per_device_train_batch_size``, bitsandbytes' ``bnb_4bit_quant_type``).
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Optional, Union
 
 import yaml
 
-from .distributed import STORAGE_CHOICES, fsdp_active
+from .distributed import STORAGE_CHOICES
 from .errors import ConfigError
 from .presets import PRESETS
 
@@ -137,11 +138,18 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     # Where the config came from (not a key): relative data paths resolve against the repo root.
     source: Optional[str] = field(default=None, compare=False)
+    # Where each key was set ("section.key" -> "file:line" or "--set"), for messages about it (not a key).
+    locations: dict = field(default_factory=dict, compare=False, repr=False)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("source", None)
+        d.pop("locations", None)
         return d
+
+    def where(self, section: str, key: str) -> str:
+        """Where `section.key` was set, for an error message: "file:line", "--set", or the file."""
+        return self.locations.get(f"{section}.{key}") or self.source or "<config>"
 
     def replace(self, **sections) -> "Config":
         return dataclasses.replace(self, **sections)
@@ -162,7 +170,7 @@ class Config:
         return "qlora" if self.is_qlora else "lora"
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "source"}
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in ("source", "locations")}
 _SECTION_CLASSES = {
     "model": ModelConfig, "quant": QuantConfig, "lora": LoraConfig, "data": DataConfig,
     "train": TrainConfig, "generation": GenerationConfig, "logging": LoggingConfig,
@@ -274,7 +282,9 @@ def from_dict(raw: dict, source: str = "<dict>") -> Config:
                     f"{loc(name, key)}: {name}.{key}: unknown key; allowed: {', '.join(known)}")
             kwargs[key] = _check(v, known[key], f"{loc(name, key)}: {name}.{key}")
         sections[name] = cls(**kwargs)
-    cfg = Config(**sections, source=source)
+    locations = {f"{name}.{key}": loc(name, key) for name, value in raw.items() if isinstance(value, dict)
+                 for key in value}
+    cfg = Config(**sections, source=source, locations=locations)
     _check_consistency(cfg, loc)
     return cfg
 
@@ -366,32 +376,8 @@ def _check_consistency(cfg: Config, loc) -> None:
     if cfg.train.learning_rate <= 0:
         raise ConfigError(f"{loc('train', 'learning_rate')}: train.learning_rate: must be > 0 "
                           f"(got {cfg.train.learning_rate})")
-    if cfg.quant.bits == 4:
-        problem = bitsandbytes_problem()
-        if problem:
-            raise ConfigError(f"{loc('quant', 'bits')}: quant.bits: 4 needs bitsandbytes with a CUDA or CPU "
-                              f"backend ({problem}); allowed here: null (16-bit LoRA)")
-        if cfg.quant.bnb_4bit_quant_storage == "uint8" and fsdp_active():
-            raise ConfigError(f"{loc('quant', 'bnb_4bit_quant_storage')}: quant.bnb_4bit_quant_storage: uint8 "
-                              f"cannot be sharded by FSDP (ACCELERATE_USE_FSDP is set); allowed here: auto or "
-                              f"the compute dtype")
-
-
-def bitsandbytes_problem() -> Optional[str]:
-    """None if 4-bit layers can run here, else why not. Cheap: no GPU code is imported."""
-    spec = importlib.util.find_spec("bitsandbytes")
-    if spec is None:
-        return "bitsandbytes is not installed"
-    libdir = Path(spec.origin).parent
-    libs = [p.name for p in libdir.glob("libbitsandbytes_*")]
-    if not libs:
-        return f"no native library in {libdir}"
-    return None
 
 
 def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
-
-def field_help(section: str) -> dict[str, str]:
-    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(_SECTION_CLASSES[section])}

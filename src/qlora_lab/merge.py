@@ -243,8 +243,8 @@ def describe(record: dict) -> list[str]:
 
 def _qlora_gap(cfg, base_cfg, run, prompts, saved) -> dict:
     """The 4-bit model the run trained (its base in NF4 + adapter) vs the checkpoint as written."""
-    from .config import bitsandbytes_problem
     from .model import load_adapter, load_model
+    from .quant import bitsandbytes_problem
 
     if not cfg.is_qlora:
         return {"skipped": "a 16-bit LoRA run: it trained on no 4-bit model"}

@@ -77,8 +77,9 @@ def load_model(cfg, for_training: bool = False, plan=None, device_map=None):
     from transformers import AutoModelForCausalLM
 
     from .distributed import set_local_device
-    from .hardware import resolve_compute_dtype
+    from .plan import check_machine, resolve_compute_dtype
 
+    check_machine(cfg)  # 4-bit without bitsandbytes' native library, uint8 under FSDP: one line, before loading
     path = model_path(cfg)
     dtype_name = plan.compute_dtype if plan else resolve_compute_dtype(cfg.quant.bnb_4bit_compute_dtype)[0]
     dtype = getattr(torch, dtype_name)
@@ -129,17 +130,17 @@ def lora_targets(cfg, model) -> list[str] | str:
     return list(t)
 
 
-def add_lora(model, cfg, gradient_checkpointing: bool | int):
+def add_lora(model, cfg, recompute_layers: int):
     """Prepare for k-bit training (when 4-bit) and wrap with LoRA adapters. Returns the PeftModel.
 
-    gradient_checkpointing: True/False, or how many decoder layers (from the first) recompute their
-    activations; the others keep them (hardware.plan's "partial" choice).
+    recompute_layers: how many decoder layers (from the first) recompute their activations, as the
+    plan says (Plan.recompute_layers); the others keep them. 0 = none, the model's depth = all.
     """
     from peft import LoraConfig, get_peft_model
 
     if cfg.is_qlora:
         _prepare_kbit(model, upcast_fp16=not fsdp_active())
-    set_recomputation(model, gradient_checkpointing)
+    set_recomputation(model, recompute_layers)
     model.config.use_cache = False
     targets = lora_targets(cfg, model)
     lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.lora_alpha, lora_dropout=cfg.lora.lora_dropout,
@@ -180,14 +181,16 @@ def _prepare_kbit(model, upcast_fp16: bool = True) -> None:
             p.data = p.data.to(torch.float32)
 
 
-def set_recomputation(model, gradient_checkpointing: bool | int) -> None:
-    """Recompute activations in all (True), none (False/0) or the first k decoder layers (an int)."""
-    if not gradient_checkpointing:
+def set_recomputation(model, recompute_layers: int) -> None:
+    """Recompute activations in the first `recompute_layers` decoder layers (0 = none, >= depth = all)."""
+    if isinstance(recompute_layers, bool) or not isinstance(recompute_layers, int):
+        # True would read as 1 layer: the count is the only encoding (Plan.recompute_layers).
+        raise TypeError(f"recompute_layers: a layer count, got {recompute_layers!r}")
+    if recompute_layers <= 0:
         model.gradient_checkpointing_disable()
         return
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if gradient_checkpointing is not True:
-        _checkpoint_first_layers(model, int(gradient_checkpointing))
+    _checkpoint_first_layers(model, recompute_layers)
     # Frozen embeddings give the checkpointed blocks inputs without grad: make them require it.
     model.enable_input_require_grads()
 

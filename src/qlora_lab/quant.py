@@ -28,6 +28,21 @@ class QuantizationError(UserError):
     pass
 
 
+def bitsandbytes_problem() -> str | None:
+    """None if 4-bit layers can run here, else why not. Cheap: no GPU code is imported."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("bitsandbytes")
+    if spec is None:
+        return "bitsandbytes is not installed"
+    libdir = Path(spec.origin).parent
+    libs = [p.name for p in libdir.glob("libbitsandbytes_*")]
+    if not libs:
+        return f"no native library in {libdir}"
+    return None
+
+
 def quant_storage_dtype(cfg, dtype: torch.dtype) -> torch.dtype:
     """What the packed 4-bit weights are stored in: uint8, or a float type FSDP can shard."""
     from .distributed import quant_storage

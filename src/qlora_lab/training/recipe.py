@@ -66,9 +66,11 @@ class Recipe:
         from transformers import set_seed
 
         from ..data import check_data_files
+        from ..plan import check_machine
 
         cfg = self.cfg
         check_data_files(cfg)  # before the run folder: a missing or empty data file leaves nothing behind
+        check_machine(cfg)  # likewise a 4-bit config this machine cannot run
         run, self.resume_point = open_run_folder(cfg, self.output_dir, self.resume)
         self.before = snapshot(run.path)  # what bad input must leave as it was (see guards.settle_failed_run)
         start_run_folder(cfg, run)
@@ -200,7 +202,7 @@ def prepare_run_folder(cfg: Config, output_dir, resume: bool) -> RunFolder:
     start_run_folder(cfg, run)
     return run
 def load_plan(cfg: Config, run: RunFolder):
-    from ..hardware import apply_memory_budget, plan
+    from ..plan import apply_memory_budget, plan
     from ..model import load_hf_config, load_tokenizer, model_path
 
     path = model_path(cfg)
@@ -245,10 +247,10 @@ def load_model(cfg: Config, plan, run: RunFolder):
             "instead of ~13 GiB in 16 bits), a GPU with more memory, or raise train.memory_budget_gib if it is "
             "set below the card's memory") from None
     fused = kernels.apply(model) if plan.kernels == "liger" else []
-    # All, none, or the first plan.checkpoint_layers decoder layers recompute their activations.
-    model, lora = add_lora(model, cfg, plan.recompute)
+    # All, none, or the first plan.recompute_layers decoder layers recompute their activations.
+    model, lora = add_lora(model, cfg, plan.recompute_layers)
     n_fused = fused_lora.enable(model) if plan.fused_lora else 0
-    summary.update(lora, kernels=fused, fused_lora_modules=n_fused, gradient_checkpointing=plan.gradient_checkpointing)
+    summary.update(lora, kernels=fused, fused_lora_modules=n_fused, gradient_checkpointing=plan.recompute_layers > 0)
     run.write_json("model_summary.json", summary)
     q, dtype = summary["quantization"], summary["compute_dtype"]  # the dtype of the plan, not a guess
     log.info("model: %s, %s, %d/%d linear layers 4-bit, %d LoRA modules, %.2f M trainable params, "

@@ -1,0 +1,133 @@
+"""The memory model: peak GPU memory of one training step, per token and per layer, and the fastest
+(micro-batch, recomputed layers) split that fits a budget.
+
+Fitted to the peaks measured by `qlora-lab bench` on an H100 (assets/bench/README.md). plan.py asks it
+when train.gradient_checkpointing is auto and logs `est_peak_gib` beside its choice, so a wrong estimate
+shows up next to the measured peak in train_summary.json. Pure arithmetic on a model's shape: no torch.
+"""
+from __future__ import annotations
+
+GiB = 1024**3
+
+# Headroom (GiB) for the allocator's fragmentation, cuBLAS workspaces and the optimizer's temporaries.
+SLACK_GIB = 1.5
+# The estimate may fill this much of a budget (allocator fragmentation: reserved ran ~10% over allocated).
+BUDGET_FILL = 0.93
+# A micro-batch costs a fixed overhead, in tokens of compute: the host side of ~10k kernel launches
+# (bitsandbytes dequantization, peft's LoRA branches) and dequantizing every weight. Measured on an H100
+# (Llama-2-7B shape, 8x512): 4 micro-batches of 2 took 2.26 s a step, 1 of 8 took 0.61 s (~2700 tokens each).
+MICRO_BATCH_OVERHEAD_TOKENS = 3000
+# Recomputing a frozen-base layer costs half again its forward+backward (the backward of a frozen
+# weight is one matmul, like the forward): every layer recomputed = +50% matmul work.
+RECOMPUTE_COST = 0.5
+
+
+def _shape(mc) -> dict:
+    """Hidden size, MLP width, layers, vocab and linear-layer shapes (in, out) of one decoder block."""
+    h, n = mc.hidden_size, mc.num_hidden_layers
+    heads = mc.num_attention_heads
+    hd = h // heads
+    if mc.model_type == "falcon":
+        m = getattr(mc, "ffn_hidden_size", None) or 4 * h
+        kv = hd if getattr(mc, "multi_query", True) else h
+        linears = [(h, h + 2 * kv), (h, h), (h, m), (m, h)]
+        tied = getattr(mc, "tie_word_embeddings", True)
+        # Fused LoRA saves each input once (+1-byte masks) where peft saves input+mask per layer:
+        # qkv and h_to_4h share one input (parallel attention), dense's input is kept by SDPA anyway.
+        # That alone is 4h; fitted to the H100 peaks of run 3 (32.5 -> 25.4 GiB at 8x512): 13h.
+        shared_saving = 13 * h
+        # Parallel attention with one layernorm keeps fewer hidden-size vectors than Llama's sequential
+        # block: 9 instead of 13, fitted to the same runs (32.5 GiB with peft's LoRA path).
+        hidden_vectors = 9
+    else:
+        m = getattr(mc, "intermediate_size", None) or 4 * h
+        kv = hd * (getattr(mc, "num_key_value_heads", None) or heads)
+        linears = [(h, h), (h, kv), (h, kv), (h, h), (h, m), (h, m), (m, h)]
+        tied = getattr(mc, "tie_word_embeddings", False)
+        shared_saving = 10 * h  # q, k, v, gate, up share one input; o_proj's is kept by SDPA anyway
+        hidden_vectors = 13
+    return dict(h=h, m=m, layers=n, vocab=mc.vocab_size, linears=linears, tied=tied, shared_saving=shared_saving,
+                hidden_vectors=hidden_vectors)
+
+
+def param_counts(mc, lora_r: int = 64) -> dict:
+    s = _shape(mc)
+    linear = s["layers"] * sum(i * o for i, o in s["linears"])
+    embed = s["vocab"] * s["h"]
+    head = 0 if s["tied"] else embed
+    lora = s["layers"] * sum(lora_r * (i + o) for i, o in s["linears"])
+    return {"linear": linear, "embed": embed, "lm_head": s["vocab"] * s["h"], "head_stored": head, "lora": lora}
+
+
+def weights_gib(mc, bits, dtype_bytes: int = 2) -> float:
+    """Base weights: NF4 + double-quantized scales (~0.52 byte/param) or 16-bit; embeddings and head 16-bit."""
+    p = param_counts(mc)
+    per_param = 0.5 * 1.035 if bits == 4 else dtype_bytes
+    return (p["linear"] * per_param + (p["embed"] + p["head_stored"]) * dtype_bytes) / GiB
+
+
+def activation_bytes_per_token(model_config, recomputed: bool, seq_len: int = 0,
+                               fused_attention: bool = True, fused_lora: bool = False) -> float:
+    """Saved activations per token for a LoRA backward (16-bit activations, LoRA on every linear),
+    with every layer recomputed (`recomputed`) or none.
+
+    Without recomputation a layer keeps each linear's input, each adapter's dropped-out input and
+    mask, the attention inputs and output, the MLP's intermediates: 13 hidden-size (Falcon's parallel
+    block: 9) and 3.6 MLP-width 16-bit vectors, fitted to the H100 peaks at 8x512 (bench runs 1 and 3). Falcon's
+    attention without our fix stores its T x T scores (SDPA math kernel): 4 x heads x T bytes more.
+    With recomputation only the layer's input (one hidden vector) stays. The fused LoRA layer
+    (kernels/fused_lora.py) keeps a shared input once where peft keeps a dropped-out copy per layer.
+    """
+    s = _shape(model_config)
+    if recomputed:
+        per_layer = 2 * s["h"]
+    else:
+        per_layer = 2 * (s["hidden_vectors"] * s["h"] + 3.6 * s["m"])
+        if model_config.model_type == "falcon" and not fused_attention:
+            per_layer += 4 * model_config.num_attention_heads * seq_len
+        if fused_lora:
+            per_layer -= s["shared_saving"]
+    return s["layers"] * per_layer
+
+
+def estimate_peak_gib(mc, bits, tokens: int, recompute_layers: int, lora_r: int = 64,
+                      fused_ce: bool = True, dtype_bytes: int = 2, seq_len: int = 0,
+                      fused_lora: bool = False) -> float:
+    """Peak GPU memory (GiB) of one training step with `tokens` per micro-batch and the first
+    `recompute_layers` decoder layers recomputed (fused_ce: our kernels)."""
+    s = _shape(mc)
+    n = s["layers"]
+    full = activation_bytes_per_token(mc, False, seq_len, fused_attention=fused_ce, fused_lora=fused_lora) / n
+    ckpt = activation_bytes_per_token(mc, True) / n
+    k = max(0, min(n, recompute_layers))
+    act = tokens * ((n - k) * full + k * ckpt + (full if k else 0))  # + one layer re-materialized
+    lora_states = param_counts(mc, lora_r)["lora"] * 16  # fp32 weight, grad, two Adam moments
+    logits = 0.25 * GiB if fused_ce else tokens * s["vocab"] * 10  # fp32 logits, their grad, bf16 copy
+    return weights_gib(mc, bits, dtype_bytes) + (act + lora_states + logits) / GiB + SLACK_GIB
+
+
+def fastest_fit(mc, bits, seq_len: int, global_batch: int, budget_gib: float, lora_r: int = 64,
+                fused_ce: bool = True, fused_lora: bool = False) -> tuple[int, int, float, str]:
+    """(micro_batch, recompute_layers, est_peak_gib, why): the fastest split that fits the budget.
+
+    Cost model in tokens of compute: tokens x (1 + 0.5 x fraction of layers recomputed) plus a fixed
+    overhead per micro-batch. Recomputation costs more than splitting the batch, until micro-batches
+    get so small that the fixed overhead dominates.
+    """
+    n = _shape(mc)["layers"]
+    best = None
+    for micro in sorted((d for d in range(1, global_batch + 1) if global_batch % d == 0), reverse=True):
+        tokens = micro * seq_len
+        for k in range(n + 1):
+            est = estimate_peak_gib(mc, bits, tokens, k, lora_r, fused_ce, seq_len=seq_len, fused_lora=fused_lora)
+            if est <= BUDGET_FILL * budget_gib:
+                cost = global_batch * seq_len * (1 + RECOMPUTE_COST * k / n) + \
+                    (global_batch // micro) * MICRO_BATCH_OVERHEAD_TOKENS
+                if best is None or cost < best[0]:
+                    best = (cost, micro, k, est)
+                break
+    if best is None:  # nothing fits: smallest micro-batch, everything recomputed; the run will say OOM
+        est = estimate_peak_gib(mc, bits, seq_len, n, lora_r, fused_ce, seq_len=seq_len, fused_lora=fused_lora)
+        return 1, n, est, f"nothing fits {budget_gib:.1f} GiB by the estimate (needs {est:.1f}); trying the smallest"
+    _, micro, k, est = best
+    return micro, k, est, f"est. peak {est:.1f} GiB of {budget_gib:.1f}"

@@ -1,0 +1,43 @@
+"""memory.py: the peak-memory estimate, fitted to measured H100 peaks, and the fastest split that fits a budget."""
+from __future__ import annotations
+
+import pytest
+
+from qlora_lab import memory
+from qlora_lab.presets import model_config
+
+
+@pytest.mark.parametrize("preset", ["llama2-7b", "falcon-7b"])
+def test_h100_trains_7b_without_recomputation(preset):
+    mc = model_config(preset)
+    for seq_len, batch in [(512, 8), (2048, 2)]:
+        micro, k, est, _ = memory.fastest_fit(mc, 4, seq_len, batch, 0.9 * 79.2)
+        assert (micro, k) == (batch, 0) and est < 45  # measured peaks: 29.3 (Llama), 32.5 (Falcon) GiB
+
+
+@pytest.mark.parametrize("preset", ["llama2-7b", "falcon-7b"])
+def test_t4_budget_fits_by_recomputing(preset):
+    mc = model_config(preset)
+    micro, k, est, _ = memory.fastest_fit(mc, 4, 512, 8, 15.0)
+    assert est <= 15.0 and 0 < k <= mc.num_hidden_layers and 8 % micro == 0
+
+
+@pytest.mark.parametrize("preset,fused,measured", [("llama2-7b", True, 25.0), ("llama2-7b", False, 29.3),
+                                                  ("falcon-7b", True, 25.4), ("falcon-7b", False, 32.5)])
+def test_estimate_is_near_the_h100_peaks_of_bench_run_3(preset, fused, measured):
+    """8x512, no recomputation: assets/bench/h100-run3-main.json (fused LoRA on, and off = peft's path)."""
+    est = memory.estimate_peak_gib(model_config(preset), 4, 4096, 0, fused_lora=fused)
+    assert measured * 0.95 <= est <= measured * 1.15, est
+
+
+def test_estimates_grow_with_tokens_and_shrink_with_recomputation():
+    mc = model_config("llama2-7b")
+    a = memory.estimate_peak_gib(mc, 4, 4096, 0)
+    assert memory.estimate_peak_gib(mc, 4, 8192, 0) > a > memory.estimate_peak_gib(mc, 4, 4096, 32)
+    assert memory.weights_gib(mc, 4) < 4 < memory.weights_gib(mc, None)
+
+
+def test_nothing_fits_gives_the_smallest_split_and_says_so():
+    mc = model_config("llama2-7b")
+    micro, k, est, why = memory.fastest_fit(mc, None, 2048, 8, 4.0)  # 16-bit 7B weights alone are ~12.5 GiB
+    assert (micro, k) == (1, mc.num_hidden_layers) and est > 4.0 and why.startswith("nothing fits 4.0 GiB")
