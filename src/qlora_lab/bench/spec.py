@@ -2,7 +2,7 @@
 
 One place, so that ours, the standard recipe and a peer cannot drift apart. The peer's worker
 (unsloth_worker.py) cannot import this module (it runs in another interpreter); it gets the numbers
-from `peer_settings` and replays `synthetic_examples` in plain torch (a test compares them bit for bit).
+from `peer.worker_spec` and replays `synthetic_examples` in plain torch (a test compares them bit for bit).
 """
 from __future__ import annotations
 
