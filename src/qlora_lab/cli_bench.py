@@ -1,8 +1,9 @@
-"""`qlora-lab bench`: our training path vs the standard recipe, one table (see bench.py)."""
+"""`qlora-lab bench`: our training path vs the standard recipe and a peer, one table (see bench/)."""
 from __future__ import annotations
 
 
 def add_parser(sub) -> None:
+    from .bench.peer import PEERS
     from .presets import PRESETS
 
     p = sub.add_parser(
@@ -27,6 +28,13 @@ def add_parser(sub) -> None:
                    help="also train on N GPUs: dp = data-parallel (torchrun), fsdp = sharded (accelerate + "
                         "configs/accelerate/fsdp_qlora.yaml), with a --variant's overrides; compared with that "
                         "path on one GPU (same batch per GPU: speed, memory; same global batch: losses)")
+    p.add_argument("--peer", default=None, choices=PEERS,
+                   help="also train this library's QLoRA, in its own interpreter (--peer-python), on the same "
+                        "checkpoint, batches, rank, targets, dropout and optimizer, at each of its checkpointing "
+                        "settings (GPU only)")
+    p.add_argument("--peer-python", default=None, metavar="PATH",
+                   help="an executable that runs Python with the peer installed, e.g. a wrapper script setting "
+                        "PYTHONPATH (assets/bench/README.md)")
     p.add_argument("--output", default=None, help="JSON path (a .md twin is written beside it; "
                                                   "default: bench-<presets>-<time>.json in the current folder)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per worker process")
@@ -64,11 +72,11 @@ def cmd_bench(args) -> int:
     shapes = [bench.Shape(L, B) for L, B in zip(args.seq_len, args.batch_size)]
     # Validate overrides now, not in a worker minutes later.
     for _, sets in [("", args.overrides)] + variants:
-        bench._bench_config(args.preset[0], shapes[0], args.steps, args.memory_budget, list(args.overrides) + list(sets))
+        bench.bench_config(args.preset[0], shapes[0], args.steps, args.memory_budget, list(args.overrides) + list(sets))
     report = bench.run(args.preset, shapes, steps=args.steps, baseline=args.baseline,
                        memory_budget=args.memory_budget, overrides=args.overrides, variants=variants, multi_gpu=multi,
                        output=args.output, warmup=args.warmup, timeout=args.timeout,
-                       command="qlora-lab " + " ".join(sys.argv[1:]))
+                       command="qlora-lab " + " ".join(sys.argv[1:]), peer=args.peer, peer_python=args.peer_python)
     failed = [r for r in report["rows"] if r.get("status") != "ok"]
     bad_loss = [c for c in report["comparisons"] + report.get("scaling", []) if c.get("loss_ok") is False]
     if bad_loss:

@@ -1,6 +1,6 @@
 """Training: the recipe (setup / train / save), the Trainer subclass, its callbacks, and the guards of a run.
 
-    recipe.py     Recipe and main(); the steps bench.py shares (prepare_run_folder, load_plan, load_model,
+    recipe.py     Recipe and main(); the steps bench/worker.py shares (prepare_run_folder, load_plan, load_model,
                   build_trainer)
     trainer.py    the Trainer subclass: trained tokens, finite checks, an evaluation that survives OOM
     callbacks.py  the run callback (metrics.jsonl, stops, checkpoints) and the console's progress

@@ -4,7 +4,7 @@
     qlora_lab.training.main(cfg)            # from a notebook
 
 Everything lands in the run folder (see runs.py); wandb mirrors the metrics when enabled. The steps below
-the Recipe are module functions so that bench.py builds its trainer the same way.
+the Recipe are module functions so that bench/worker.py builds its trainer the same way.
 """
 from __future__ import annotations
 
@@ -197,7 +197,7 @@ def start_run_folder(cfg: Config, run: RunFolder) -> None:
 
 
 def prepare_run_folder(cfg: Config, output_dir, resume: bool) -> RunFolder:
-    """open_run_folder + start_run_folder, for a caller that needs no resume point (bench.py)."""
+    """open_run_folder + start_run_folder, for a caller that needs no resume point (bench/worker.py)."""
     run, _ = open_run_folder(cfg, output_dir, resume)
     start_run_folder(cfg, run)
     return run

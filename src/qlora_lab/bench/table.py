@@ -1,0 +1,108 @@
+"""The bench's outputs beside the rows: comparisons with the standard recipe, scaling, the Markdown table."""
+from __future__ import annotations
+
+from .spec import LOSS_STEPS, LOSS_TOLERANCE
+
+
+def compare(rows: list) -> list:
+    """Each ours-row against the baseline of the same preset and shape: speed, memory, loss agreement."""
+    out = []
+    base = {(r["preset"], r["seq_len"], r["batch_size"]): r for r in rows if r["path"] == "baseline"}
+    for r in rows:
+        if not r["path"].startswith("ours"):
+            continue
+        b = base.get((r["preset"], r["seq_len"], r["batch_size"]))
+        if b is None:
+            continue
+        c = {"preset": r["preset"], "seq_len": r["seq_len"], "batch_size": r["batch_size"], "path": r["path"]}
+        if r.get("tokens_per_s") and b.get("tokens_per_s"):
+            c["speedup"] = r["tokens_per_s"] / b["tokens_per_s"]
+        if r.get("peak_allocated_bytes") and b.get("peak_allocated_bytes"):
+            c["peak_ratio"] = r["peak_allocated_bytes"] / b["peak_allocated_bytes"]
+        c.update(_loss_agreement(r, b))
+        out.append(c)
+    return out
+
+
+def compare_scaling(rows: list) -> list:
+    """Each several-GPU row against its one-GPU reference (same overrides): the same batch per GPU
+    for speed and memory, the same global batch for the losses."""
+    out = []
+    one = {(r["preset"], r["path"], r["seq_len"], r["batch_size"]): r for r in rows
+           if r.get("status") == "ok" and r.get("world_size", 1) == 1}
+    for r in rows:
+        n = r.get("world_size", 1)
+        if n == 1 or r.get("status") != "ok" or r["batch_size"] % n:
+            continue
+        c = {"preset": r["preset"], "path": r["path"], "seq_len": r["seq_len"], "batch_size": r["batch_size"],
+             "world_size": n, "reference": r["reference"]}
+        per_gpu = one.get((r["preset"], r["reference"], r["seq_len"], r["batch_size"] // n))
+        if per_gpu:
+            c.update(per_gpu_batch=r["batch_size"] // n, speedup=r["tokens_per_s"] / per_gpu["tokens_per_s"])
+            if r.get("peak_allocated_bytes") and per_gpu.get("peak_allocated_bytes"):
+                c["peak_allocated_ratio"] = r["peak_allocated_bytes"] / per_gpu["peak_allocated_bytes"]
+        c.update(_loss_agreement(r, one.get((r["preset"], r["reference"], r["seq_len"], r["batch_size"])) or {}))
+        out.append(c)
+    return out
+
+
+def _loss_agreement(row: dict, ref: dict) -> dict:
+    """Largest relative difference of the two rows' losses over the first LOSS_STEPS steps ({} if none)."""
+    la, lb = row.get("losses") or [], ref.get("losses") or []
+    n = min(len(la), len(lb), LOSS_STEPS)
+    if not n:
+        return {}
+    d = max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(la[:n], lb[:n]))
+    return {"loss_steps": n, "loss_max_rel_diff": d, "loss_ok": d <= LOSS_TOLERANCE}
+
+
+def _gib(x) -> str:
+    return "-" if not x else f"{x / 2**30:.1f}"
+
+
+def markdown(report: dict) -> str:
+    """One table: a row per (preset, shape, path), baseline beside ours, then the losses."""
+    env = report["env"]
+    comp = {(c["preset"], c["seq_len"], c["batch_size"], c["path"]): c for c in report["comparisons"]}
+    head = (f"Device: {env.get('device')} | torch {env.get('torch')} | transformers {env.get('transformers')} | "
+            f"peft {env.get('peft')} | bitsandbytes {env.get('bitsandbytes')} | trl {env.get('trl')} | "
+            f"liger-kernel {env.get('liger-kernel')}\n"
+            f"Matmul rate measured (bf16, 8192^3): {report.get('matmul_tflops') or 'n/a'} TFLOP/s. "
+            f"{report['steps']} steps, median after {report['warmup_steps']} warm-up steps"
+            + (f"; memory budget {report['memory_budget_gib']} GiB" if report.get("memory_budget_gib") else "") + ".\n")
+    lines = ["| model | batch x seq | path | plan | step s | tokens/s | MFU | HFU | peak alloc GiB | peak reserved GiB "
+             "| weights GiB | vs baseline | loss max rel. diff (20 steps) |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|"]
+    for r in report["rows"]:
+        c = comp.get((r["preset"], r["seq_len"], r["batch_size"], r["path"]), {})
+        if r.get("status", "ok") != "ok":
+            lines.append(f"| {r['preset']} | {r['batch_size']}x{r['seq_len']} | {r['path']} | | {r['status']} "
+                         "| | | | | | | | |")
+            continue
+        w = _gib(r.get("weights_bytes"))
+        if r.get("weights_4bit") is False:  # a peer that kept its base in 16 bits: not QLoRA
+            w += f" (**16-bit weights**: {r.get('n_linear_16bit')} of {r.get('n_linear')} linear layers not quantized)"
+        elif r.get("n_linear_16bit"):
+            w += f" (**16-bit**: {r['n_linear_16bit']} of {r['n_linear']} linear layers not quantized)"
+        m, hw = r.get("mfu"), r.get("hfu")
+        speed = f"{c['speedup']:.2f}x" if c.get("speedup") else ""
+        loss = (f"{c['loss_max_rel_diff']:.2%} {'ok' if c['loss_ok'] else 'FAIL'}" if "loss_ok" in c else "")
+        lines.append(f"| {r['preset']} | {r['batch_size']}x{r['seq_len']} | {r['path']} | {r.get('plan_words', '')} "
+                     f"| {r['median_step_s']:.3f} | {r['tokens_per_s']:.0f} | {'n/a' if m is None else f'{m:.1%}'} "
+                     f"| {'n/a' if hw is None else f'{hw:.1%}'} "
+                     f"| {_gib(r.get('peak_allocated_bytes'))} | {_gib(r.get('peak_reserved_bytes'))} | {w} "
+                     f"| {speed} | {loss} |")
+    for c in report.get("scaling") or []:
+        line = f"\n{c['preset']} {c['path']} ({c['world_size']} GPUs, {c['batch_size']}x{c['seq_len']} in all) vs {c['reference']} on 1 GPU:"
+        if "speedup" in c:
+            line += f" {c['speedup']:.2f}x its tokens/s at {c['per_gpu_batch']}x{c['seq_len']} per GPU"
+            if "peak_allocated_ratio" in c:
+                line += f", peak allocated per GPU {c['peak_allocated_ratio']:.2f}x its"
+            line += ";"
+        if "loss_ok" in c:
+            line += (f" losses over {c['loss_steps']} steps vs the same global batch on 1 GPU: max rel. diff "
+                     f"{c['loss_max_rel_diff']:.2%} {'ok' if c['loss_ok'] else 'FAIL'}")
+        lines.append(line)
+    return head + "\n" + "\n".join(lines)
+
+

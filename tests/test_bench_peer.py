@@ -1,0 +1,157 @@
+"""The peer in the bench (`--peer unsloth --peer-python PATH`) on the CPU: what can be checked without a GPU.
+
+The peer's worker runs in another interpreter and never inside ours; here it is imported by file path
+(importing it loads neither torch nor unsloth) to compare its batches with ours bit for bit. Its
+training loop needs a GPU and the peer installed: that part is run on the GPU machine.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import stat
+import sys
+
+import pytest
+import torch
+
+from qlora_lab import cli
+from qlora_lab.bench import LORA_R, Shape, markdown, plan_jobs, synthetic_examples
+from qlora_lab.bench import peer
+from qlora_lab.bench.spec import BATCH_SEED
+
+
+def _worker_module():
+    spec = importlib.util.spec_from_file_location("_peer_worker", peer.worker_script("unsloth"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_peer_batches_equal_ours_bit_for_bit():
+    w = _worker_module()
+    assert "unsloth" not in sys.modules
+    for vocab, shape, steps in ((320, Shape(64, 2), 3), (32000, Shape(512, 8), 2), (65024, Shape(2048, 2), 2)):
+        ours = synthetic_examples(vocab, shape, steps)
+        theirs = w.synthetic_batches(vocab, shape.seq_len, shape.batch_size, steps, BATCH_SEED)
+        assert len(theirs) == steps
+        for i, batch in enumerate(theirs):
+            rows = ours[i * shape.batch_size:(i + 1) * shape.batch_size]  # the order our Trainer reads them in
+            assert batch.dtype == torch.int64 and batch.shape == (shape.batch_size, shape.seq_len)
+            assert torch.equal(batch, torch.tensor([r["input_ids"] for r in rows]))
+            assert all(r["labels"] == r["input_ids"] for r in rows)  # the worker passes labels = input ids
+
+
+def test_peer_worker_imports_nothing_of_ours():
+    """It runs where qlora_lab's dependencies may be other versions, or absent."""
+    tree = ast.parse(peer.worker_script("unsloth").read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            assert not node.level and not (node.module or "").startswith("qlora_lab"), ast.dump(node)
+        elif isinstance(node, ast.Import):
+            assert not any(a.name.startswith("qlora_lab") for a in node.names)
+
+
+def test_peer_worker_counts_4bit_linear_layers():
+    """The row says whether the peer's base is 4-bit: Linear4bit layers among the linear ones, head aside."""
+    import bitsandbytes as bnb
+    from torch import nn
+
+    class Tiny(nn.Module):
+        def __init__(self, quantized: bool):
+            super().__init__()
+            lin = bnb.nn.Linear4bit if quantized else nn.Linear
+            self.blocks = nn.ModuleList([lin(16, 16), lin(16, 16)])
+            self.head = nn.Linear(16, 8)
+
+        def get_output_embeddings(self):
+            return self.head
+
+    w = _worker_module()
+    assert w.linear_counts(Tiny(True)) == {"n_linear": 2, "n_linear_4bit": 2, "n_linear_16bit": 0, "weights_4bit": True}
+    assert w.linear_counts(Tiny(False)) == {"n_linear": 2, "n_linear_4bit": 0, "n_linear_16bit": 2,
+                                            "weights_4bit": False}
+
+
+def test_peer_jobs_come_last_one_per_setting_and_nothing_changes_without_peer():
+    shapes = [Shape(512, 8), Shape(2048, 2)]
+    plain = plan_jobs(shapes, baseline=True, variants=[("peft", ["train.fused_lora=false"])])
+    assert [j.label for j in plain] == ["ours", "baseline"] and not any(j.peer for j in plain)
+    assert plain[0].runs == (("ours", ()), ("ours[peft]", ("train.fused_lora=false",)))
+    jobs = plan_jobs(shapes, baseline=True, overrides=["lora.lora_dropout=0"], peer="unsloth", peer_python="/p")
+    assert [j.label for j in jobs] == ["ours", "baseline", "unsloth[gc=unsloth]", "unsloth[gc=off]"]
+    assert [j.peer["gradient_checkpointing"] for j in jobs[2:]] == ["unsloth", False]
+    assert all(j.shapes == tuple(shapes) and j.peer["python"] == "/p" for j in jobs[2:])
+
+
+def test_peer_spec_carries_our_settings(monkeypatch):
+    """Rank, alpha, the dropout after --set, targets by architecture, optimizer; the checkpoint we load."""
+    from qlora_lab.presets import model_config
+
+    monkeypatch.setattr(peer, "checkpoint", lambda preset: f"/cache/{preset}")
+    for preset, targets in (("tiny-llama", 7), ("tiny-falcon", 4)):
+        job = plan_jobs([Shape(32, 2)], overrides=["lora.lora_dropout=0"], peer="unsloth", peer_python="/p")[-1]
+        s = peer.worker_spec(job, preset, steps=5, warmup=1, memory_budget=None)
+        assert s["model_path"] == f"/cache/{preset}" and s["gradient_checkpointing"] is False
+        assert s["lora"]["r"] == LORA_R and s["lora"]["alpha"] == 16 and s["lora"]["dropout"] == 0
+        assert len(s["lora"]["target_modules"]) == targets
+        assert s["optimizer"]["name"] == "paged_adamw_32bit" and s["optimizer"]["learning_rate"] == 2e-4
+        assert s["shapes"] == [[32, 2]] and s["steps"] == 5 and s["batch_seed"] == BATCH_SEED
+        assert s["vocab_size"] == model_config(preset).vocab_size and s["label"] == "unsloth[gc=off]"
+
+
+def test_peer_rows_get_our_flops_and_say_when_weights_stay_16bit():
+    """FLOPs are counted as ours (recomputation only in HFU); a 16-bit base is said in the weights cell."""
+    row = {"preset": "falcon-7b", "path": "unsloth[gc=unsloth]", "seq_len": 512, "batch_size": 8, "status": "ok",
+           "median_step_s": 0.5, "tokens_per_s": 8176.0, "lora_r": 64, "gradient_checkpointing": "unsloth",
+           "weights_bytes": 13 * 2**30, "n_linear": 128, "n_linear_16bit": 128, "weights_4bit": False,
+           "peak_allocated_bytes": 15 * 2**30, "plan_words": "Unsloth 2026.10.9, offloaded ckpt all, 16-bit weights"}
+    off = {**row, "path": "unsloth[gc=off]", "gradient_checkpointing": False}
+    peer.complete_rows([row, off], "falcon-7b")
+    assert row["flops_per_token"] == off["flops_per_token"] == off["hw_flops_per_token"] < row["hw_flops_per_token"]
+    report = {"env": {}, "comparisons": [], "steps": 20, "warmup_steps": 5, "rows": [row, off]}
+    table = markdown(report)
+    assert "| falcon-7b | 8x512 | unsloth[gc=unsloth] |" in table and "16-bit weights" in table
+
+
+def _script(path, text):
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+def _bench(capsys, tmp_path, *extra):
+    rc = cli.main(["bench", "--preset", "tiny-llama", "--seq-len", "32", "--batch-size", "2", "--steps", "2",
+                   "--output", str(tmp_path / "b.json"), *map(str, extra)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "b.json").exists()  # refused before any worker started
+    return err
+
+
+def test_peer_refuses_a_bad_interpreter_in_one_line(tmp_path, capsys):
+    missing = tmp_path / "nope" / "python"
+    assert f"--peer-python {missing}: no such file" in _bench(capsys, tmp_path, "--peer", "unsloth", "--peer-python", missing)
+    plain = tmp_path / "plain"
+    plain.write_text("#!/bin/sh\n")
+    assert f"--peer-python {plain}: not executable" in _bench(capsys, tmp_path, "--peer", "unsloth", "--peer-python", plain)
+    no_shebang = _script(tmp_path / "noshebang", "exec python3 \"$@\"\n")
+    assert f"--peer-python {no_shebang}: " in _bench(capsys, tmp_path, "--peer", "unsloth", "--peer-python", no_shebang)
+    # A working Python without unsloth (ours): named, and nothing of unsloth imported here.
+    ours = _script(tmp_path / "ours-python", f"#!/bin/sh\nexec {sys.executable} \"$@\"\n")
+    err = _bench(capsys, tmp_path, "--peer", "unsloth", "--peer-python", ours)
+    assert f"--peer-python {ours}: cannot import unsloth there" in err
+    assert "unsloth" not in sys.modules
+    assert "--peer unsloth needs --peer-python" in _bench(capsys, tmp_path, "--peer", "unsloth")
+    assert "give --peer NAME" in _bench(capsys, tmp_path, "--peer-python", ours)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_peer_without_cuda_fails_in_one_line(tmp_path, capsys):
+    fake = tmp_path / "site"
+    (fake / "unsloth").mkdir(parents=True)
+    (fake / "unsloth" / "__init__.py").write_text("raise ImportError('never imported by the probe')\n")
+    wrapper = _script(tmp_path / "peer-python", f"#!/bin/sh\nPYTHONPATH={fake}{os.pathsep}$PYTHONPATH "
+                                                f"exec {sys.executable} \"$@\"\n")
+    err = _bench(capsys, tmp_path, "--peer", "unsloth", "--peer-python", wrapper)
+    assert "--peer unsloth needs a CUDA GPU" in err
