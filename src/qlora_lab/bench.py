@@ -403,6 +403,9 @@ def _bench_config(preset: str, shape: Shape, steps: int, budget, overrides):
     return cfg.set(*overrides) if overrides else cfg
 
 
+bench_config = _bench_config  # public: the CLI validates --set before any worker starts
+
+
 def _lora_state(model) -> dict:
     return {n: p for n, p in model.named_parameters() if "lora_" in n}
 
