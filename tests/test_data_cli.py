@@ -1,10 +1,12 @@
-"""`qlora-lab data ...` end to end through the real CLI."""
+"""`qlora-lab data ...` end to end through the real CLI; bad input through cli.main in this process."""
 from __future__ import annotations
 
 import json
 import re
 
 import pytest
+
+from qlora_lab.cli import main
 
 from .conftest import CONFIGS, FIXTURES, run_cli
 
@@ -75,19 +77,19 @@ BAD = [
 
 
 @pytest.mark.parametrize("verb,name,message", BAD, ids=[b[1] for b in BAD])
-def test_bad_input_exits_2_with_one_line_and_leaves_output_alone(tmp_path, verb, name, message):
+def test_bad_input_exits_2_with_one_line_and_leaves_output_alone(tmp_path, capsys, verb, name, message):
     out = tmp_path / "out.jsonl"
     out.write_text('{"keep": "me"}\n')
-    r = run_cli("data", verb, FIXTURES / name, "-o", out)
-    assert r.returncode == 2
-    assert r.stderr.splitlines() == [r.stderr.strip()]  # one line, no traceback
-    assert r.stderr.startswith(f"qlora-lab: error: {FIXTURES / name}{message}")
+    assert main(["data", verb, str(FIXTURES / name), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [err.strip()]  # one line, no traceback
+    assert err.startswith(f"qlora-lab: error: {FIXTURES / name}{message}")
     assert out.read_text() == '{"keep": "me"}\n'
     assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
 
 
-def test_stats_on_a_bad_prepared_file_and_missing_input(tmp_path):
-    r = run_cli("data", "stats", FIXTURES / "bad_prepared_roles.jsonl", "--config", CONFIGS / "tiny_llama_lora.yaml")
-    assert r.returncode == 2 and "bad_prepared_roles.jsonl:2: messages[1].role: roles must alternate" in r.stderr
-    r = run_cli("data", "oasst1", tmp_path / "nope.jsonl", "-o", tmp_path / "o.jsonl")
-    assert r.returncode == 2 and r.stderr.strip() == f"qlora-lab: error: {tmp_path / 'nope.jsonl'}: file not found"
+def test_stats_on_a_bad_prepared_file_and_missing_input(tmp_path, capsys):
+    rc = main(["data", "stats", str(FIXTURES / "bad_prepared_roles.jsonl"), "--config", str(CONFIGS / "tiny_llama_lora.yaml")])
+    assert rc == 2 and "bad_prepared_roles.jsonl:2: messages[1].role: roles must alternate" in capsys.readouterr().err
+    assert main(["data", "oasst1", str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "o.jsonl")]) == 2
+    assert capsys.readouterr().err.strip() == f"qlora-lab: error: {tmp_path / 'nope.jsonl'}: file not found"

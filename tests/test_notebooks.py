@@ -48,7 +48,7 @@ def test_notebooks_follow_the_layout():
 
 @pytest.mark.parametrize("name", ["01_falcon7b_oasst1_qlora.ipynb", "02_llama2_lima_qlora_vs_lora.ipynb"])
 def test_study_notebook_renders_committed_assets_or_says_none(name, tmp_path):
-    from qlora_lab.report import load_study
+    from qlora_lab.studies import load_study
 
     nb, text = execute(name, tmp_path)
     study_dir = ROOT / "assets" / "studies" / ("falcon7b_oasst1" if name.startswith("01") else "llama2_7b_lima")
@@ -85,7 +85,7 @@ def test_lima_notebook_trains_qlora_and_lora_twins(tmp_path):
 
 
 def test_loss_curve_notebook(tmp_path):
-    from qlora_lab.report import write_study
+    from qlora_lab.studies import write_study
 
     a, b = make_run(tmp_path / "runs", "q", "qlora"), make_run(tmp_path / "runs", "l", "lora")
     write_study(tmp_path / "study", [a], gen_rows(models=("base", "q")))

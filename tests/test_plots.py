@@ -114,9 +114,14 @@ def test_plot_cli_writes_png_and_svg(tmp_path):
     r = run_cli("plot", a, b, "-o", tmp_path / "loss.png", "--x", "tokens")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "loss.png").stat().st_size > 1000 and (tmp_path / "loss.svg").is_file()
-    r = run_cli("plot", tmp_path / "nope", "-o", tmp_path / "x.png")
-    assert r.returncode == 2 and "nope: run folder not found" in r.stderr
+
+
+def test_plot_cli_bad_input_is_one_line(tmp_path, capsys):
+    from qlora_lab.cli import main
+
+    assert main(["plot", str(tmp_path / "nope"), "-o", str(tmp_path / "x.png")]) == 2
+    assert "nope: run folder not found" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"step": 1, "foo": 2}) + "\n")
-    r = run_cli("plot", bad)
-    assert r.returncode == 2 and "no loss values" in r.stderr
+    assert main(["plot", str(bad), "-o", str(tmp_path / "y.png")]) == 2
+    assert "no loss values" in capsys.readouterr().err

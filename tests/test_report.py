@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from qlora_lab import report
+from qlora_lab.cli import main
 from qlora_lab.config import load_config
 from qlora_lab.errors import UserError
 
@@ -79,6 +80,19 @@ def test_bad_run_folders_are_user_errors(tmp_path):
         report.read_run(tmp_path / "empty")
 
 
+def test_runs_are_read_as_run_folders_with_the_method_their_config_says(tmp_path):
+    from qlora_lab.runs import RunFolder
+
+    a = make_run(tmp_path, "l", "lora")
+    (a / "train_summary.json").write_text(json.dumps({"status": "completed"}))  # no method: the config says it
+    (run,) = report.read_runs([a])
+    assert isinstance(run, RunFolder) and run.method == "lora" and run.name == "l"
+    assert report.summary_table([run]).loc["l", "method"] == "LoRA"
+    (a / "env.json").write_text("{")
+    with pytest.raises(UserError, match="env.json"):  # named when read, before any table is made
+        report.read_run(a)
+
+
 def test_comparison_table_orders_prompts_by_level_and_models_base_first(tmp_path):
     rows = gen_rows(models=("a", "base", "b"))
     df = report.comparison_table(rows, prompts="oasst1_levels")
@@ -106,27 +120,6 @@ def test_markdown_and_html_keep_long_answers_readable():
     assert html.startswith("<!doctype html>")
 
 
-def test_write_and_load_study(tmp_path):
-    a, b = make_run(tmp_path / "runs", "q", "qlora"), make_run(tmp_path / "runs", "l", "lora")
-    out = tmp_path / "study"
-    absent = report.load_study(out)
-    assert not absent.available and "No results committed yet" in absent._repr_markdown_()
-    written = report.write_study(out, [a, b], gen_rows(models=("base", "q", "l")), prompts="oasst1_levels",
-                                 title="Q vs L")
-    assert {"table.md", "table.html", "summary.json", "generations.jsonl",
-            "metrics/q.jsonl", "metrics/l.jsonl"} <= set(written)
-    assert not list(out.glob(".*tmp"))  # atomic writes leave no temp files
-    s = report.load_study(out)
-    assert s.available and set(s.metrics) == {"q", "l"}
-    assert "H100" in s.message and "tiny-llama with random weights (tiny twin" in s.message
-    assert "QLoRA fine-tune" in s.message and "LoRA fine-tune" in s.message and "real shape" not in s.message
-    caption = "The base model (tiny-llama) has random weights"
-    assert f"*{caption}" in s.markdown and f"<caption>{caption}" in s.html
-    assert s.summary["runs"]["q"]["method"] == "qlora"
-    assert "| Easy | What is the capital of France? |" in s.markdown
-    assert s._repr_html_().count("<tr>") >= 9
-
-
 def test_compare_cli_with_saved_generations(tmp_path):
     a, b = make_run(tmp_path, "q", "qlora"), make_run(tmp_path, "l", "lora")
     g = tmp_path / "g.jsonl"
@@ -135,9 +128,14 @@ def test_compare_cli_with_saved_generations(tmp_path):
     assert r.returncode == 0, r.stderr
     md = (tmp_path / "out" / "table.md").read_text()
     assert "| level | prompt | base | q | l |" in md and "### Runs" in md
-    r = run_cli("compare", tmp_path / "missing", "--generations", g)
-    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
-    assert "missing: run folder not found" in r.stderr
+
+
+def test_compare_cli_on_a_missing_run_is_one_line(tmp_path, capsys):
+    g = tmp_path / "g.jsonl"
+    g.write_text("".join(json.dumps(r) + "\n" for r in gen_rows(models=("base",))))
+    assert main(["compare", str(tmp_path / "missing"), "--generations", str(g)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "missing: run folder not found" in err
 
 
 def test_generated_control_characters_and_bad_bytes_show_as_escapes():

@@ -9,6 +9,7 @@ from qlora_lab import studies
 from qlora_lab.errors import UserError
 
 from .conftest import CONFIGS, run_cli
+from .test_report import gen_rows, make_run
 
 
 def test_offline_runs_each_config_as_a_random_weight_model_of_its_shape():
@@ -87,3 +88,24 @@ def test_bad_gpu_list_is_one_line(bad, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "--gpus" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_write_and_load_study(tmp_path):
+    a, b = make_run(tmp_path / "runs", "q", "qlora"), make_run(tmp_path / "runs", "l", "lora")
+    out = tmp_path / "study"
+    absent = studies.load_study(out)
+    assert not absent.available and "No results committed yet" in absent._repr_markdown_()
+    written = studies.write_study(out, [a, b], gen_rows(models=("base", "q", "l")), prompts="oasst1_levels",
+                                  title="Q vs L")
+    assert {"table.md", "table.html", "summary.json", "generations.jsonl",
+            "metrics/q.jsonl", "metrics/l.jsonl"} <= set(written)
+    assert not list(out.glob(".*tmp"))  # atomic writes leave no temp files
+    s = studies.load_study(out)
+    assert s.available and set(s.metrics) == {"q", "l"}
+    assert "H100" in s.message and "tiny-llama with random weights (tiny twin" in s.message
+    assert "QLoRA fine-tune" in s.message and "LoRA fine-tune" in s.message and "real shape" not in s.message
+    caption = "The base model (tiny-llama) has random weights"
+    assert f"*{caption}" in s.markdown and f"<caption>{caption}" in s.html
+    assert s.summary["runs"]["q"]["method"] == "qlora"
+    assert "| Easy | What is the capital of France? |" in s.markdown
+    assert s._repr_html_().count("<tr>") >= 9

@@ -144,8 +144,9 @@ def train_all(configs, overrides=(), runs_dir=None) -> list[Path]:
 
 
 def run_demo(out_dir="qlora-lab-demo", steps: Optional[int] = None, progress: bool = True) -> DemoResult:
-    from . import console, generate, plots, report, training
+    from . import console, generate, plots, studies, training
     from .data.lima import prepare_lima
+    from .runs import RunFolder
 
     t0 = time.perf_counter()
     out = prepare_out_dir(out_dir)
@@ -174,9 +175,9 @@ def run_demo(out_dir="qlora-lab-demo", steps: Optional[int] = None, progress: bo
     notes = [f"Exact reproductions of the {n} shipped answers (greedy decoding): "
              + ", ".join(f"{m}: {hits[m]}/{n}" for m in ("base", *METHODS)) + ".",
              "Tiny random-weight Llama on a CPU: this shows the pipeline learns, not model quality."]
-    files = report.write_study(out, [runs[m] for m in METHODS], rows, prompts=prompts,
-                               title="qlora-lab demo: base vs QLoRA vs LoRA", notes=notes)
-    lora_dtype = report.read_run(runs["lora"]).model_summary.get("compute_dtype", "16-bit")  # float32 on a CPU
+    files = studies.write_study(out, [runs[m] for m in METHODS], rows, prompts=prompts,
+                                title="qlora-lab demo: base vs QLoRA vs LoRA", notes=notes)
+    lora_dtype = RunFolder.open(runs["lora"]).model_summary.get("compute_dtype", "16-bit")  # float32 on a CPU
     fig = plots.loss_figure(plots.load_curves([runs[m] for m in METHODS]),
                             title=f"Demo: tiny Llama, QLoRA (NF4 base) vs LoRA ({lora_dtype} base)")
     png, svg = plots.save_figure(fig, out / "loss.png")

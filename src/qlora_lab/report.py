@@ -1,31 +1,27 @@
 """Comparison tables: run folders and generations in, DataFrame / Markdown / HTML out.
 
-* `read_run(path)`: what a run folder says about itself (config, model and train summaries, env).
+* `read_runs(paths)`: the run folders (runs.RunFolder), checked, named for the tables.
 * `summary_table(runs)`: one row per run: method, trainable params, peak memory, train time, losses.
 * `comparison_table(generations, prompts)`: rows = prompts with their level (and expected answer, when
   the prompt set has one), columns = base, each run.
 * `to_markdown` / `to_html`: the two tables, long answers wrapped and collapsible; generated text shown
   as it is, with control characters and undecodable bytes (U+FFFD) as visible escapes (`\x07`).
-* `write_study` / `load_study`: the committed-results layout under ``assets/studies/<study>/``.
+* `provenance` / `random_weights_caption`: what a reader must know about the runs behind a table.
 
-Nothing here loads a model; everything is read from files, so a user with no GPU and no network
-can rebuild every table.
+The study folder these tables go into is written and read by studies.py. Nothing here loads a model;
+everything is read from files, so a user with no GPU and no network can rebuild every table.
 """
 from __future__ import annotations
 
 import html
-import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import pandas as pd
 
 from .errors import UserError
-from .fileio import atomic_write, read_json
 from .runs import RunFolder
 
 GiB = 1024**3
@@ -45,60 +41,20 @@ def read_jsonl(path) -> list[dict]:
     return [obj for _, obj in read_lines(path, allow_empty=True)]
 
 
-def _read_json(path) -> dict:
-    """A JSON object, {} if the file is not there; a damaged file is a one-line error naming it."""
-    return read_json(path, required=False) or {}
-
-
 # ----------------------------------------------------------------------------- runs
 
-@dataclass
-class Run:
-    path: Path
-    name: str
-    config: dict                   # the resolved config as written (plain dict)
-    model_summary: dict = field(default_factory=dict)
-    train_summary: dict = field(default_factory=dict)
-    env: dict = field(default_factory=dict)
-
-    @property
-    def method(self) -> str:
-        m = self.train_summary.get("method")
-        if m:
-            return str(m)
-        return "qlora" if (self.config.get("quant") or {}).get("bits") == 4 else "lora"
-
-    @property
-    def model_name(self) -> str:
-        m = self.config.get("model") or {}
-        if m.get("random_init"):
-            return f"{m['random_init']} (random weights)"
-        return str(m.get("name_or_path") or "?")
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.path / "metrics.jsonl"
-
-    @property
-    def adapter_path(self) -> Path:
-        return self.path / "adapter"
+def read_run(path) -> RunFolder:
+    """A run folder, checked for tables. UserError if it is missing, is not a run folder (no config.yaml),
+    or a file it holds is damaged (named, with what is wrong; metrics.jsonl is checked too)."""
+    run = RunFolder.open(path)
+    # Every file read now (once: RunFolder keeps them) and metrics.jsonl checked, so that a damaged one is
+    # named before `compare` has generated its answers.
+    _ = (run.config_data, run.train_summary, run.model_summary, run.env, run.metrics())
+    return run
 
 
-def read_run(path) -> Run:
-    """Read a run folder. UserError if it is missing, is not a run folder (no config.yaml), or a
-    file it holds is damaged (named, with what is wrong; metrics.jsonl is checked too)."""
-    p = Path(path)
-    folder = RunFolder.open(p)
-    config = folder.config_dict()
-    folder.metrics()  # a garbled line is named now, not after `compare` has generated its answers
-    return Run(path=p, name=p.resolve().name, config=config,
-               model_summary=_read_json(p / "model_summary.json"),
-               train_summary=_read_json(p / "train_summary.json"),
-               env=_read_json(p / "env.json"))
-
-
-def read_runs(paths: Iterable) -> list[Run]:
-    runs = [r if isinstance(r, Run) else read_run(r) for r in paths]
+def read_runs(paths: Iterable) -> list[RunFolder]:
+    runs = [r if isinstance(r, RunFolder) else read_run(r) for r in paths]
     names = [r.name for r in runs]
     for r in runs:  # two runs with the same folder name: tell them apart by their parent folder
         if names.count(r.name) > 1:
@@ -106,7 +62,7 @@ def read_runs(paths: Iterable) -> list[Run]:
     return runs
 
 
-def device_of(run: Run) -> str:
+def device_of(run: RunFolder) -> str:
     """The machine a run trained on, in words, from its env.json (whatever keys it has)."""
     env = run.env or {}
     for key in ("gpu_name", "device_name", "gpu", "cuda_device_name", "device"):
@@ -121,6 +77,13 @@ def device_of(run: Run) -> str:
     if isinstance(plan, dict) and plan.get("device_name"):
         return str(plan["device_name"])
     return "unknown machine"
+
+
+def model_name(run: RunFolder) -> str:
+    m = run.config_data.get("model") or {}
+    if m.get("random_init"):
+        return f"{m['random_init']} (random weights)"
+    return str(m.get("name_or_path") or "?")
 
 
 # ----------------------------------------------------------------------------- summary
@@ -156,7 +119,7 @@ def summary_table(runs: Sequence, formatted: bool = True) -> pd.DataFrame:
         row = {
             "run": r.name,
             "method": r.method,
-            "model": r.model_name,
+            "model": model_name(r),
             # A LoRA base is held in the compute dtype of its plan: float32 on a CPU, bf16/fp16 on GPUs.
             "quantization": ms.get("quantization") or ("nf4" if r.method == "qlora" else
                                                        f"none ({ms['compute_dtype']})" if ms.get("compute_dtype")
@@ -365,10 +328,7 @@ def to_html(table: pd.DataFrame, summary: Optional[pd.DataFrame] = None, title: 
     return f'<!doctype html>\n<html><head><meta charset="utf-8"><title>{t}</title></head><body>\n{body}\n</body></html>\n'
 
 
-# ----------------------------------------------------------------------------- studies (assets/)
-
-STUDY_FILES = ("summary.json", "table.md", "table.html", "generations.jsonl", "loss.png", "loss.svg")
-
+# ----------------------------------------------------------------------------- notes on a study's runs
 
 def provenance(runs: Sequence) -> list[str]:
     """Plain sentences saying what produced the results: model, weights, method, machine."""
@@ -376,10 +336,10 @@ def provenance(runs: Sequence) -> list[str]:
 
     lines = []
     for r in read_runs(runs):
-        m = r.config.get("model") or {}
+        m = r.config_data.get("model") or {}
         model = (f"{m['random_init']} with random weights ({shape_note(m['random_init'])}, meaningless text)"
                  if m.get("random_init") else f"{m.get('name_or_path')} (pretrained weights)")
-        steps = (r.config.get("train") or {}).get("max_steps")
+        steps = (r.config_data.get("train") or {}).get("max_steps")
         steps = f"{steps:,}" if isinstance(steps, int) else steps
         lines.append(f"{r.name}: {METHOD_NAMES.get(r.method, r.method)} fine-tune of {model}, "
                      f"{steps} steps, trained on {device_of(r)}.")
@@ -388,87 +348,8 @@ def provenance(runs: Sequence) -> list[str]:
 
 def random_weights_caption(runs: Sequence) -> str:
     """What a reader must know before reading answers of a random-weight model ('' for pretrained ones)."""
-    presets = sorted({(r.config.get("model") or {}).get("random_init") for r in read_runs(runs)} - {None})
+    presets = sorted({(r.config_data.get("model") or {}).get("random_init") for r in read_runs(runs)} - {None})
     if not presets:
         return ""
     return (f"The base model ({', '.join(presets)}) has random weights: its answers are meaningless text, "
             f"and a fine-tune knows only what its training data taught it.")
-
-
-def write_study(out_dir, runs: Sequence, generations=None, prompts=None, title: str = "",
-                notes: Sequence[str] = ()) -> dict[str, Path]:
-    """Write the results of a study to `out_dir` (summary.json, table.md/html, metrics/, generations).
-
-    The caller saves the loss figure (plots.save_figure) into the same folder as loss.png/.svg.
-    """
-    out = Path(out_dir)
-    runs = read_runs(runs)
-    summary = summary_table(runs)
-    raw = summary_table(runs, formatted=False)
-    table = None
-    written = {}
-    if generations is not None:
-        rows = read_jsonl(generations) if isinstance(generations, (str, os.PathLike)) else list(generations)
-        table = comparison_table(rows, prompts)
-        written["generations.jsonl"] = atomic_write(
-            out / "generations.jsonl", "".join(json.dumps(g, ensure_ascii=False) + "\n" for g in rows))
-    notes = [*provenance(runs), *notes]
-    caption = random_weights_caption(runs)
-    written["table.md"] = atomic_write(out / "table.md", to_markdown(table, summary, title, notes, caption=caption))
-    written["table.html"] = atomic_write(out / "table.html", to_html(table, summary, title, notes, caption=caption))
-    for r in runs:
-        if r.metrics_path.is_file():  # the logged rows, without a last line a crash cut short
-            dst = out / "metrics" / f"{r.name.replace('/', '_')}.jsonl"
-            rows = RunFolder(r.path).metrics()
-            written[f"metrics/{dst.name}"] = atomic_write(dst, "".join(json.dumps(x) + "\n" for x in rows))
-    doc = {
-        "title": title,
-        "provenance": notes,
-        "runs": {name: {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
-                 for name, row in raw.to_dict(orient="index").items()},
-        "configs": {r.name: r.config for r in runs},
-        "model_summaries": {r.name: r.model_summary for r in runs},
-        "env": {r.name: r.env for r in runs},
-    }
-    written["summary.json"] = atomic_write(out / "summary.json", json.dumps(doc, indent=2, default=str) + "\n")
-    return written
-
-
-@dataclass
-class Study:
-    """Committed results of one study, as `load_study` finds them. Renders itself in a notebook."""
-    path: Path
-    available: bool
-    message: str
-    summary: dict = field(default_factory=dict)
-    markdown: str = ""
-    html: str = ""
-    metrics: dict = field(default_factory=dict)   # run name -> metrics.jsonl path
-    loss_png: Optional[Path] = None
-
-    def _repr_markdown_(self) -> str:
-        return self.markdown if self.available else f"**{self.message}**"
-
-    def _repr_html_(self) -> Optional[str]:
-        if not self.available:
-            return f"<p><strong>{html.escape(self.message)}</strong></p>"
-        return self.html or None
-
-
-def load_study(path) -> Study:
-    """Read a study folder under assets/. Absent results give available=False and say so plainly."""
-    p = Path(path)
-    summary_path = p / "summary.json"
-    if not summary_path.is_file():
-        return Study(path=p, available=False,
-                     message=f"No results committed yet under {p} (no summary.json). They are produced "
-                             f"by running this notebook with RUN_TRAINING=True on a GPU; nothing is shown "
-                             f"rather than made-up numbers.")
-    summary = _read_json(summary_path)
-    md = (p / "table.md").read_text(encoding="utf-8") if (p / "table.md").is_file() else ""
-    ht = (p / "table.html").read_text(encoding="utf-8") if (p / "table.html").is_file() else ""
-    metrics = {f.stem: f for f in sorted((p / "metrics").glob("*.jsonl"))} if (p / "metrics").is_dir() else {}
-    prov = " ".join(summary.get("provenance") or [])
-    return Study(path=p, available=True, message=f"Results in {p}. Produced by: {prov or 'unknown'}",
-                 summary=summary, markdown=md, html=ht, metrics=metrics,
-                 loss_png=(p / "loss.png") if (p / "loss.png").is_file() else None)

@@ -24,6 +24,7 @@ whole (`check_checkpoint`), saying which newer ones it passed over and why.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -65,6 +66,7 @@ class RunFolder:
 
     def __init__(self, path):
         self.path = Path(path)
+        self.name = self.path.resolve().name  # how tables label the run (report.read_runs tells twins apart)
         self.writer = is_main_process()
 
     # -- layout
@@ -130,6 +132,28 @@ class RunFolder:
 
         self.config_dict()  # a damaged file is named as such, not as a config mistake
         return load_config(self.config_file)
+
+    # -- read back once, for tables and studies (a finished run: these files no longer change)
+    @functools.cached_property
+    def config_data(self) -> dict:
+        return self.config_dict()
+
+    @functools.cached_property
+    def train_summary(self) -> dict:
+        return self.read_json("train_summary.json") or {}
+
+    @functools.cached_property
+    def model_summary(self) -> dict:
+        return self.read_json("model_summary.json") or {}
+
+    @functools.cached_property
+    def env(self) -> dict:
+        return self.read_json("env.json") or {}
+
+    @property
+    def method(self) -> str:
+        """qlora or lora, from config.yaml (as Config.method says; train_summary.json repeats it)."""
+        return "qlora" if (self.config_data.get("quant") or {}).get("bits") == 4 else "lora"
 
     def read_json(self, name: str) -> dict | None:
         """A JSON object the run wrote; None if the file is not there (not written yet)."""

@@ -8,6 +8,8 @@ the base model and of every fine-tune to the study's prompt set, the loss curves
 table.md/html, generations.jsonl, metrics/, loss.png/svg and summary.json, whose `measured` section holds
 what each run took (conversations and tokens trained, wall time, tokens/s, peak GPU memory, GPU). Never
 weights: run folders (adapters, checkpoints) go to `work_dir`.
+`write_study` writes that folder (`qlora-lab compare` and the demo write the same one) and `load_study`
+reads it back for a notebook.
 
 offline=True is what a machine without a model hub can run: a random-weight model of each config's shape
 (speed and memory real, text gibberish) and synthetic corpora of the real dataset's size and token lengths
@@ -17,13 +19,16 @@ records its measurements beside the others.
 """
 from __future__ import annotations
 
+import html
 import json
 import logging
+import math
+import os
 import queue
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -177,7 +182,7 @@ def run(name: str, study_dir, work_dir="runs/studies", offline: bool = False, ov
     study's own, under configs_dir. gpus: GPU indices to train the arms (and the memory-budget run) on
     side by side, one per GPU (train_all); the answers are then generated on the first of them.
     """
-    from . import generate, plots, report
+    from . import generate, plots
     from .config import load_config
 
     study = spec(name)
@@ -209,7 +214,7 @@ def run(name: str, study_dir, work_dir="runs/studies", offline: bool = False, ov
     gen = cfgs[0].generation
     rows = generate.run(generate.targets_for(runs, include_base=True), study.prompts, gen, progress=progress)
     title = title or study.title + (" (random weights of the real shape: the text is gibberish)" if offline else "")
-    report.write_study(study_dir, runs, rows, prompts=study.prompts, title=title, notes=notes)
+    write_study(study_dir, runs, rows, prompts=study.prompts, title=title, notes=notes)
     _add_measured(Path(study_dir) / "summary.json", meas, offline)
     short = study.short + (" (random weights of the real shape)" if offline else "")
     plots.save_figure(plots.loss_figure(plots.load_curves(runs), title=short), Path(study_dir) / "loss.png")
@@ -240,35 +245,87 @@ def _add_measured(summary_file: Path, meas: dict, offline: bool) -> None:
     atomic_write(summary_file, json.dumps(doc, indent=2, default=str) + "\n")
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser("study", help="run one of the two studies end to end into a study folder",
-                       description=__doc__.split("\n\n")[2])
-    p.add_argument("name", choices=sorted(STUDIES), help="which study")
-    p.add_argument("-o", "--output", required=True, help="study folder to write (e.g. assets/studies/NAME)")
-    p.add_argument("--work-dir", default="runs/studies", help="where run folders (adapters, checkpoints) go")
-    p.add_argument("--configs-dir", default="configs", help="folder holding the study's configs")
-    p.add_argument("--offline", action="store_true",
-                   help="random-weight model of each config's shape + synthetic corpora of the real size (no hub)")
-    p.add_argument("--steps", type=int, help="train.max_steps for every arm (default: the configs')")
-    p.add_argument("--memory-budget", type=float, help="also train the QLoRA arm under this many GiB (15: a T4)")
-    p.add_argument("--budget-steps", type=int, help="steps of the memory-budget run (default: as the others)")
-    p.add_argument("--gpus", type=_gpu_list, metavar="I,J,...",
-                   help="train the arms (and the memory-budget run) side by side, one per GPU (e.g. 0,1)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="config override for every arm (repeatable)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=lambda a: run(a.name, a.output, a.work_dir, offline=a.offline, overrides=a.set,
-                                      steps=a.steps, budget_gib=a.memory_budget, budget_steps=a.budget_steps,
-                                      configs_dir=a.configs_dir, progress=not a.no_progress, gpus=a.gpus) and 0)
+
+# ----------------------------------------------------------------------------- the study folder
+
+def write_study(out_dir, runs: Sequence, generations=None, prompts=None, title: str = "",
+                notes: Sequence[str] = ()) -> dict[str, Path]:
+    """Write the results of a study to `out_dir` (summary.json, table.md/html, metrics/, generations).
+
+    The caller saves the loss figure (plots.save_figure) into the same folder as loss.png/.svg.
+    """
+    from . import report
+    from .fileio import atomic_write
+
+    out = Path(out_dir)
+    runs = report.read_runs(runs)
+    summary = report.summary_table(runs)
+    raw = report.summary_table(runs, formatted=False)
+    table = None
+    written = {}
+    if generations is not None:
+        rows = report.read_jsonl(generations) if isinstance(generations, (str, os.PathLike)) else list(generations)
+        table = report.comparison_table(rows, prompts)
+        written["generations.jsonl"] = atomic_write(
+            out / "generations.jsonl", "".join(json.dumps(g, ensure_ascii=False) + "\n" for g in rows))
+    notes = [*report.provenance(runs), *notes]
+    caption = report.random_weights_caption(runs)
+    written["table.md"] = atomic_write(out / "table.md", report.to_markdown(table, summary, title, notes, caption=caption))
+    written["table.html"] = atomic_write(out / "table.html", report.to_html(table, summary, title, notes, caption=caption))
+    for r in runs:
+        if r.metrics_file.is_file():  # the logged rows, without a last line a crash cut short
+            dst = out / "metrics" / f"{r.name.replace('/', '_')}.jsonl"
+            written[f"metrics/{dst.name}"] = atomic_write(dst, "".join(json.dumps(x) + "\n" for x in r.metrics()))
+    doc = {
+        "title": title,
+        "provenance": notes,
+        "runs": {name: {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+                 for name, row in raw.to_dict(orient="index").items()},
+        "configs": {r.name: r.config_data for r in runs},
+        "model_summaries": {r.name: r.model_summary for r in runs},
+        "env": {r.name: r.env for r in runs},
+    }
+    written["summary.json"] = atomic_write(out / "summary.json", json.dumps(doc, indent=2, default=str) + "\n")
+    return written
 
 
-def _gpu_list(text: str) -> list[int]:
-    import argparse
+@dataclass
+class Study:
+    """Committed results of one study, as `load_study` finds them. Renders itself in a notebook."""
+    path: Path
+    available: bool
+    message: str
+    summary: dict = field(default_factory=dict)
+    markdown: str = ""
+    html: str = ""
+    metrics: dict = field(default_factory=dict)   # run name -> metrics.jsonl path
+    loss_png: Optional[Path] = None
 
-    try:
-        gpus = [int(x) for x in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: GPU indices separated by commas, e.g. 0,1") from None
-    if not gpus or min(gpus) < 0 or len(set(gpus)) != len(gpus):
-        raise argparse.ArgumentTypeError(f"{text!r}: distinct GPU indices >= 0, e.g. 0,1")
-    return gpus
+    def _repr_markdown_(self) -> str:
+        return self.markdown if self.available else f"**{self.message}**"
+
+    def _repr_html_(self) -> Optional[str]:
+        if not self.available:
+            return f"<p><strong>{html.escape(self.message)}</strong></p>"
+        return self.html or None
+
+
+def load_study(path) -> Study:
+    """Read a study folder under assets/. Absent results give available=False and say so plainly."""
+    from .fileio import read_json
+
+    p = Path(path)
+    summary_path = p / "summary.json"
+    if not summary_path.is_file():
+        return Study(path=p, available=False,
+                     message=f"No results committed yet under {p} (no summary.json). They are produced "
+                             f"by running this notebook with RUN_TRAINING=True on a GPU; nothing is shown "
+                             f"rather than made-up numbers.")
+    summary = read_json(summary_path, required=False) or {}
+    md = (p / "table.md").read_text(encoding="utf-8") if (p / "table.md").is_file() else ""
+    ht = (p / "table.html").read_text(encoding="utf-8") if (p / "table.html").is_file() else ""
+    metrics = {f.stem: f for f in sorted((p / "metrics").glob("*.jsonl"))} if (p / "metrics").is_dir() else {}
+    prov = " ".join(summary.get("provenance") or [])
+    return Study(path=p, available=True, message=f"Results in {p}. Produced by: {prov or 'unknown'}",
+                 summary=summary, markdown=md, html=ht, metrics=metrics,
+                 loss_png=(p / "loss.png") if (p / "loss.png").is_file() else None)

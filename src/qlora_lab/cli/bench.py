@@ -1,10 +1,12 @@
 """`qlora-lab bench`: our training path vs the standard recipe and a peer, one table (see bench/)."""
 from __future__ import annotations
 
+from .args import add_set
+
 
 def add_parser(sub) -> None:
-    from .bench.peer import PEERS
-    from .presets import PRESETS
+    from ..bench.peer import PEERS
+    from ..presets import PRESETS
 
     p = sub.add_parser(
         "bench", help="speed and memory of the training path, beside the standard HF recipe",
@@ -20,8 +22,7 @@ def add_parser(sub) -> None:
     p.add_argument("--baseline", action="store_true", help="also run the standard recipe and compare")
     p.add_argument("--memory-budget", type=float, default=None, metavar="GiB",
                    help="cap GPU memory per process (15 = a Colab T4); the plan fits the run into it")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override our path's config, e.g. --set train.gradient_checkpointing=true")
+    add_set(p, help="override our path's config, e.g. --set train.gradient_checkpointing=true")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
                    help="an extra row of our path with overrides, e.g. gc-on:train.gradient_checkpointing=true")
     p.add_argument("--multi-gpu", action="append", default=[], metavar="dp|fsdp:N[:VARIANT]",
@@ -38,14 +39,14 @@ def add_parser(sub) -> None:
     p.add_argument("--output", default=None, help="JSON path (a .md twin is written beside it; "
                                                   "default: bench-<presets>-<time>.json in the current folder)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per worker process")
-    p.set_defaults(func=cmd_bench)
+    p.set_defaults(func=run)
 
 
-def cmd_bench(args) -> int:
+def run(args) -> int:
     import sys
 
-    from . import bench
-    from .errors import UserError
+    from .. import bench
+    from ..errors import UserError
 
     if len(args.seq_len) != len(args.batch_size):
         if len(args.batch_size) == 1:

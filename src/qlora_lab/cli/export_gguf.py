@@ -13,11 +13,11 @@ def add_parser(sub) -> None:
                    help="GGUF file to write (replaced atomically if it exists)")
     p.add_argument("--dtype", choices=("f16", "bf16"), default="f16",
                    help="weight type (default: %(default)s, which every llama.cpp backend runs; norms stay f32)")
-    p.set_defaults(func=cmd_export_gguf)
+    p.set_defaults(func=run)
 
 
-def cmd_export_gguf(args) -> int:
-    from .gguf_export import export
+def run(args) -> int:
+    from ..gguf_export import export
 
     r = export(args.merged_dir, args.output, dtype=args.dtype)
     print(f"wrote {r['file']}: {r['architecture']}, {r['dtype']}, {r['tensors']} tensors, tokenizer "

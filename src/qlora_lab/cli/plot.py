@@ -17,11 +17,11 @@ def add_parser(sub) -> None:
                         "line has no lag and ends at the last loss; 0 = raw only (default: %(default)s)")
     p.add_argument("--no-raw", action="store_true", help="hide the faint raw train curve")
     p.add_argument("--title", default=None, help="figure title (default: the curves' labels joined by 'vs')")
-    p.set_defaults(func=cmd_plot)
+    p.set_defaults(func=run)
 
 
-def cmd_plot(args) -> int:
-    from . import plots
+def run(args) -> int:
+    from .. import plots
 
     curves = plots.load_curves(args.runs, args.wandb)
     fig = plots.loss_figure(curves, x=args.x, smooth=args.smooth, show_raw=not args.no_raw, title=args.title)

@@ -1,4 +1,4 @@
-"""`qlora-lab data ...` sub-commands: thin wrappers over oasst1.py, lima.py, stats.py and synthetic.py.
+"""`qlora-lab data ...` sub-commands: thin wrappers over data/oasst1.py, lima.py, stats.py and synthetic.py.
 
     qlora-lab data oasst1 INPUT -o OUT.jsonl [--lang en de ...] [--split train] [--keep-unanswered-prompt]
     qlora-lab data lima INPUT -o OUT.jsonl [--split train]
@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 
+from .args import add_config, add_set, load
+
 
 def cmd_oasst1(args) -> int:
-    from .oasst1 import prepare_oasst1
+    from ..data.oasst1 import prepare_oasst1
 
     langs = [x for item in (args.lang or []) for x in item.split(",") if x] or None
     counts = prepare_oasst1(args.input, args.output, langs=langs, split=args.split,
@@ -22,7 +24,7 @@ def cmd_oasst1(args) -> int:
 
 
 def cmd_lima(args) -> int:
-    from .lima import prepare_lima
+    from ..data.lima import prepare_lima
 
     counts = prepare_lima(args.input, args.output, split=args.split)
     print(counts.summary())
@@ -31,10 +33,9 @@ def cmd_lima(args) -> int:
 
 
 def cmd_stats(args) -> int:
-    from ..config import load_config
-    from .stats import length_stats, tokenizer_for, write_png
+    from ..data.stats import length_stats, tokenizer_for, write_png
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load(args)
     st = length_stats(args.file, tokenizer_for(cfg), cfg.data)
     print(st.text(bins=args.bins))
     png = write_png(st, args.png)
@@ -46,7 +47,7 @@ def cmd_stats(args) -> int:
 def cmd_synth(args) -> int:
     import time
 
-    from .synthetic import write
+    from ..data.synthetic import write
 
     t0 = time.perf_counter()
     lines = write(args.corpus, args.output, split=args.split, seed=args.seed, n=args.n, flat=args.flat)
@@ -97,9 +98,8 @@ def add_parser(sub) -> None:
                                     "tokenizer and data.format) and print counts, length percentiles "
                                     "and a histogram; also write it as a PNG.")
     q.add_argument("file", help="prepared JSONL (output of `data oasst1` or `data lima`)")
-    q.add_argument("--config", required=True, help="YAML config: its tokenizer, format and max_length are used")
-    q.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config key, e.g. --set data.format=lima_eot")
+    add_config(q, option=True, help="YAML config: its tokenizer, format and max_length are used")
+    add_set(q, help="override a config key, e.g. --set data.format=lima_eot")
     q.add_argument("--png", default=None, help="histogram image (default: FILE with suffix .lengths.png)")
     q.add_argument("--bins", type=_positive, default=10, help="histogram rows in the text output")
     q.set_defaults(func=cmd_stats)

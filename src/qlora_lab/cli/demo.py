@@ -12,14 +12,14 @@ def add_parser(sub) -> None:
                    help="output folder (default: %(default)s; an earlier demo's folder is replaced)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the demo's 240)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=run)
 
 
-def cmd_demo(args) -> int:
+def run(args) -> int:
     import os
 
-    from .demo import METHODS, THRESHOLD, run_demo
-    from .errors import UserError
+    from ..demo import METHODS, THRESHOLD, run_demo
+    from ..errors import UserError
 
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps {args.steps}: must be >= 1")

@@ -18,11 +18,11 @@ def add_parser(sub) -> None:
                         "run, the same random weights training used)")
     p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16",
                    help="dtype of the written weights (default: %(default)s; fp16 for GPUs without bf16)")
-    p.set_defaults(func=cmd_merge)
+    p.set_defaults(func=run)
 
 
-def cmd_merge(args) -> int:
-    from .merge import RECORD, describe, merge
+def run(args) -> int:
+    from ..merge import RECORD, describe, merge
 
     record = merge(args.run, args.output, base=args.base, dtype=args.dtype)
     print(f"merged {record['method']} adapter of {record['run']} into {record['base']} -> {args.output} "

@@ -1,6 +1,8 @@
 """`qlora-lab generate RUN_OR_MODEL... --prompts PROMPTS -o generations.jsonl`."""
 from __future__ import annotations
 
+from .args import add_config, add_set
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -17,21 +19,20 @@ def add_parser(sub) -> None:
                    help="JSONL to write (default: %(default)s); library warnings, if any, go to the same "
                         "path with suffix .log")
     p.add_argument("--base", action="store_true", help="also answer with the runs' base model (no adapter)")
-    p.add_argument("--config", default=None,
-                   help="config YAML whose generation section (and, for a bare model, quantization) to use")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="generation.KEY=VALUE",
-                   help="override a generation key, e.g. --set generation.seed=1 (repeatable)")
+    add_config(p, option=True, required=False,
+               help="config YAML whose generation section (and, for a bare model, quantization) to use")
+    add_set(p, metavar="generation.KEY=VALUE", help="override a generation key, e.g. --set generation.seed=1 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_generate)
+    p.set_defaults(func=run)
 
 
-def cmd_generate(args) -> int:
+def run(args) -> int:
     from pathlib import Path
 
-    from . import console, generate
-    from .config import load_config
-    from .errors import UserError
-    from .fileio import check_output_file
+    from .. import console, generate
+    from ..config import load_config
+    from ..errors import UserError
+    from ..fileio import check_output_file
 
     check_output_file(args.output)  # before any model loads
     config = load_config(args.config) if args.config else None

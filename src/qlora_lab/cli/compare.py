@@ -1,6 +1,8 @@
 """`qlora-lab compare RUN... --prompts PROMPTS -o OUT_DIR`: side-by-side answers and run summaries."""
 from __future__ import annotations
 
+from .args import add_config, add_set
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -16,19 +18,18 @@ def add_parser(sub) -> None:
                    help="reuse answers from this JSONL (from `qlora-lab generate`) instead of generating")
     p.add_argument("--no-base", action="store_true", help="leave out the base-model column")
     p.add_argument("--title", default=None, help="table title (default: the run names)")
-    p.add_argument("--config", default=None, help="config YAML whose generation section to use")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="generation.KEY=VALUE",
-                   help="override a generation key (repeatable)")
+    add_config(p, option=True, required=False, help="config YAML whose generation section to use")
+    add_set(p, metavar="generation.KEY=VALUE", help="override a generation key (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_compare)
+    p.set_defaults(func=run)
 
 
-def cmd_compare(args) -> int:
+def run(args) -> int:
     from pathlib import Path
 
-    from . import report
-    from .errors import UserError
-    from .fileio import check_output_folder
+    from .. import report, studies
+    from ..errors import UserError
+    from ..fileio import check_output_folder
 
     out = check_output_folder(Path(args.output_dir))  # fails fast, before any model loads
     runs = report.read_runs(args.runs)
@@ -36,8 +37,8 @@ def cmd_compare(args) -> int:
     if args.generations:
         generations = report.read_jsonl(args.generations)
     else:
-        from . import console, generate
-        from .config import load_config
+        from .. import console, generate
+        from ..config import load_config
 
         config = load_config(args.config) if args.config else None
         targets = generate.targets_for([r.path for r in runs], include_base=not args.no_base, config=config)
@@ -48,7 +49,7 @@ def cmd_compare(args) -> int:
         with console.log_file(out / "compare.log"):
             generations = generate.run(targets, prompts, gen, progress=not args.no_progress)
     title = args.title or " vs ".join(r.name for r in runs)
-    written = report.write_study(out, runs, generations, prompts=prompts, title=title)
+    written = studies.write_study(out, runs, generations, prompts=prompts, title=title)
     for name in ("table.md", "table.html", "summary.json", "generations.jsonl"):
         if name in written:
             print(f"{name}: {written[name]}")
