@@ -103,12 +103,13 @@ def test_fused_is_as_accurate_as_peft_in_bf16_on_the_cpu(name):
     assert_fused_as_accurate_as_peft(bf16_errors(model, torch.randint(4, 200, (2, 32)), "cpu"))
 
 
-def test_layer_with_dropout_matches_the_same_mask_by_hand():
+@pytest.mark.parametrize("k", [8, 7])  # 7: the packed mask (bitmask.py) ends in a padded byte
+def test_layer_with_dropout_matches_the_same_mask_by_hand(k):
     """p > 0: the mask drawn in forward is the one used for dA and dx (same seed, same mask)."""
     torch.manual_seed(1)
-    x = torch.randn(3, 5, 8, requires_grad=True)
-    w = torch.randn(6, 8)
-    a = torch.randn(4, 8, requires_grad=True)
+    x = torch.randn(3, 5, k, requires_grad=True)
+    w = torch.randn(6, k)
+    a = torch.randn(4, k, requires_grad=True)
     b = torch.randn(6, 4, requires_grad=True)
     p, s = 0.3, 0.5
     torch.manual_seed(7)
@@ -119,7 +120,7 @@ def test_layer_with_dropout_matches_the_same_mask_by_hand():
     for t in (x, a, b):
         t.grad = None
     torch.manual_seed(7)
-    xd, _ = torch.native_dropout(x.reshape(-1, 8), p, True)
+    xd, _ = torch.native_dropout(x.reshape(-1, k), p, True)
     ref = (x @ w.t() + s * (xd.view_as(x) @ a.t()) @ b.t())
     ref.backward(g)
     torch.testing.assert_close(got[0], ref.detach())
@@ -127,6 +128,36 @@ def test_layer_with_dropout_matches_the_same_mask_by_hand():
         torch.testing.assert_close(gg, t.grad)
     # Some elements were dropped, and the kept ones were scaled by 1/(1-p): not the p=0 result.
     assert not torch.allclose(got[0], x.detach() @ w.t() + s * (x.detach() @ a.detach().t()) @ b.detach().t())
+
+
+def test_dropout_mask_is_kept_in_one_bit_per_element():
+    """What the layer saves for the backward: x, the packed mask (numel/8 bytes), x_a and the weights."""
+    x = torch.randn(64, 128, requires_grad=True)
+    w, a, b = torch.randn(96, 128), torch.randn(4, 128, requires_grad=True), torch.randn(96, 4, requires_grad=True)
+    saved = []
+
+    def keep(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        y = fused_lora.LoRALinearFunction.apply(x, w, None, None, a, b, 1.0, 0.1, torch.float32)
+    masks = [t for t in saved if t.dtype in (torch.uint8, torch.bool)]
+    assert len(masks) == 1 and masks[0].dtype == torch.uint8 and masks[0].numel() == 64 * 128 // 8
+    y.sum().backward()  # and the backward unpacks it
+    assert a.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("shape", [(8,), (3, 5, 7), (4096, 11), (1,)])
+def test_bitmask_round_trip(shape):
+    from qlora_lab.kernels import bitmask
+
+    torch.manual_seed(0)
+    for p in (0.0, 0.05, 0.5, 1.0):
+        mask = torch.rand(shape) >= p
+        packed = bitmask.pack(mask)
+        assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
+        assert torch.equal(bitmask.unpack(packed, mask.shape), mask)
 
 
 def test_fp32_adapters_get_fp32_gradients_under_bf16_compute():

@@ -22,10 +22,11 @@ def test_t4_budget_fits_by_recomputing(preset):
     assert est <= 15.0 and 0 < k <= mc.num_hidden_layers and 8 % micro == 0
 
 
-@pytest.mark.parametrize("preset,fused,measured", [("llama2-7b", True, 25.0), ("llama2-7b", False, 29.3),
-                                                  ("falcon-7b", True, 25.4), ("falcon-7b", False, 32.5)])
-def test_estimate_is_near_the_h100_peaks_of_bench_run_3(preset, fused, measured):
-    """8x512, no recomputation: assets/bench/h100-run3-main.json (fused LoRA on, and off = peft's path)."""
+@pytest.mark.parametrize("preset,fused,measured", [("llama2-7b", True, 21.3), ("llama2-7b", False, 29.3),
+                                                  ("falcon-7b", True, 22.0), ("falcon-7b", False, 32.5)])
+def test_estimate_is_near_the_measured_peaks(preset, fused, measured):
+    """8x512, dropout 0.05, no recomputation. Fused LoRA (dropout masks packed 1 bit per element):
+    assets/bench/h200x2-run4-peer-*.json; peft's path: assets/bench/h100-run3-main.json."""
     est = memory.estimate_peak_gib(model_config(preset), 4, 4096, 0, fused_lora=fused)
     assert measured * 0.95 <= est <= measured * 1.15, est
 

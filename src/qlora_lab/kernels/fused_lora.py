@@ -14,7 +14,7 @@ forward:  dequantize W, y = x W^T (+ b), (x_d, mask) = native_dropout(x), x_a = 
 backward: dequantize W again, g_a = s g B, dx = g W + mask/(1-p) * (g_a A),
           dA = g_a^T x_d (x_d recomputed from x and the mask), dB = s g^T x_a
 
-It saves x, the dropout mask (1 byte per element) and the small x_a (tokens x r). peft saves each
+It saves x, the dropout mask (1 bit per element: bitmask.py) and the small x_a (tokens x r). peft saves each
 layer's dropped-out input and its mask; q, k, v (and gate, up) share one input, which this saves once.
 Frozen base weights get no gradient; adapters get theirs in their own dtype (fp32 masters).
 
@@ -32,6 +32,7 @@ import types
 import torch
 
 from ..quant import is_4bit
+from . import bitmask
 
 _ATTR = "_qlora_lab_fused_lora"
 
@@ -66,6 +67,8 @@ class LoRALinearFunction(torch.autograd.Function):
         del w
         if p > 0.0:
             xd, mask = torch.native_dropout(x2, p, True)
+            ctx.mask_shape = mask.shape
+            mask = bitmask.pack(mask)  # kept 1 bit per element until the backward (bitmask.py)
         else:
             xd, mask = x2, None
         a, b = lora_a.to(dtype), lora_b.to(dtype)
@@ -82,6 +85,8 @@ class LoRALinearFunction(torch.autograd.Function):
         dtype, scale, p = ctx.dtype, ctx.scale, ctx.p
         g = grad.reshape(-1, grad.shape[-1]).to(dtype)
         a, b = lora_a.to(dtype), lora_b.to(dtype)
+        if mask is not None:
+            mask = bitmask.unpack(mask, ctx.mask_shape)
         ga = torch.mm(g, b).mul_(scale)                           # d loss / d x_a
         dx = None
         if ctx.needs_input_grad[0]:
