@@ -20,12 +20,23 @@ from .jsonl import read_records
 log = logging.getLogger("qlora_lab.data")
 
 
+PACKAGED = "qlora_lab:"  # data.train_file: qlora_lab:samples/tiny_sft.jsonl = a file shipped with the package
+
+
 def resolve_data_path(value: Optional[str], cfg, key: str) -> Path:
-    """A data path from the config: absolute, or relative to the current directory, then to the
-    repo root (the folder above the config file's folder, as configs/ sits in the repo root)."""
+    """A data path from the config: `qlora_lab:NAME` (a sample shipped in the package's resources/),
+    absolute, or relative to the current directory, then to the repo root (the folder above the config
+    file's folder, as configs/ sits in the repo root)."""
     if not value:
         raise DataError(f"data.{key}: not set; write a prepared file with `qlora-lab data oasst1` or "
                         f"`qlora-lab data lima` and point data.{key} at it")
+    if value.startswith(PACKAGED):
+        from importlib import resources
+
+        p = Path(str(resources.files("qlora_lab") / "resources" / value[len(PACKAGED):]))
+        if not p.is_file():
+            raise DataError(f"data.{key}: {value}: no such file among the package's samples ({p})")
+        return p
     p = Path(value).expanduser()
     candidates = [p] if p.is_absolute() else [Path.cwd() / p]
     if not p.is_absolute() and cfg.source and Path(cfg.source).is_file():

@@ -3,16 +3,17 @@
 `fused_lora.py` runs each peft LoRA linear layer (4-bit or 16-bit base) as one autograd function:
 dequantize, base matmul, dropout, A, B, in a handful of kernels instead of a chain of modules
 (`enable` / `disable` / `count` / `eligible`, `LoRALinearFunction`); the plan turns it on with
-`fused_lora`. `liger.py` wires Liger's Triton kernels per architecture (Llama: RoPE, RMSNorm, SwiGLU,
-fused linear cross-entropy; Falcon: fused linear cross-entropy and a flash SDPA path for its
-multi-query attention): `supported` tells the plan whether they apply, `apply` patches a loaded
-model before LoRA is attached.
+`fused_lora`. `bitmask.py` keeps its dropout masks 1 bit per element until the backward. `liger.py` wires Liger's
+Triton kernels per architecture (Llama: RoPE, RMSNorm, SwiGLU, fused linear cross-entropy; Falcon: the
+fused loss and flash attention below): `supported` tells the plan whether they apply, `apply` patches a
+loaded model before LoRA is attached. `fused_loss.py`: the head and the loss fused for any causal LM.
+`falcon_attention.py`: Falcon-7B's multi-query attention through SDPA's fused kernel.
 """
 from __future__ import annotations
 
-from . import fused_lora, liger
+from . import bitmask, falcon_attention, fused_lora, fused_loss, liger
 from .fused_lora import LoRALinearFunction, count, disable, eligible, enable
 from .liger import apply, supported
 
-__all__ = ["fused_lora", "liger", "LoRALinearFunction", "enable", "disable", "count", "eligible",
+__all__ = ["bitmask", "falcon_attention", "fused_lora", "fused_loss", "liger", "LoRALinearFunction", "enable", "disable", "count", "eligible",
            "apply", "supported"]
