@@ -8,7 +8,7 @@ import yaml
 from qlora_lab.config import Config, from_dict, load_config
 from qlora_lab.errors import ConfigError
 
-from .conftest import CONFIGS, run_cli
+from .conftest import CONFIGS
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
@@ -103,26 +103,26 @@ def test_4bit_needs_bitsandbytes_backend(monkeypatch):
     from_dict({"model": {"random_init": "tiny-llama"}, "quant": {"bits": None}})
 
 
-def test_cli_bad_config_exit_2_one_line_no_traceback(tmp_path):
+def test_cli_bad_config_exit_2_one_line_no_traceback(tmp_path, cli):
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump({"model": {"random_init": "tiny-llama"}, "lora": {"r": -1}}))
-    r = run_cli("train", p)
+    r = cli("train", p)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     lines = [l for l in r.stderr.splitlines() if l.strip()]
     assert lines == [f"qlora-lab: error: {p}:1: lora.r: must be an integer >= 1 (got -1)"] or "lora.r" in lines[-1]
 
 
-def test_cli_config_prints_resolved():
-    r = run_cli("config", CONFIGS / "tiny_llama_qlora.yaml", "--set", "train.max_steps=3")
+def test_cli_config_prints_resolved(cli):
+    r = cli("config", CONFIGS / "tiny_llama_qlora.yaml", "--set", "train.max_steps=3")
     assert r.returncode == 0, r.stderr
     assert yaml.safe_load(r.stdout)["train"]["max_steps"] == 3
 
 
-def test_cli_bad_quant_storage_exit_2_names_file_and_line(tmp_path):
+def test_cli_bad_quant_storage_exit_2_names_file_and_line(tmp_path, cli):
     p = tmp_path / "c.yaml"
     p.write_text("model:\n  random_init: tiny-llama\nquant:\n  bits: 4\n  bnb_4bit_quant_storage: int8\n")
-    r = run_cli("config", p)
+    r = cli("config", p)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"{p}:5: quant.bnb_4bit_quant_storage: must be one of auto, uint8" in r.stderr
 
