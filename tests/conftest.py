@@ -79,9 +79,69 @@ def _model_cache(tmp_path_factory):
         os.environ["QLORA_LAB_CACHE"] = old
 
 
+@pytest.fixture
+def cli(capsys):
+    """`qlora-lab ARGS` through the CLI's main() in this process, for tests of what a verb does rather than of
+    the process around it: returns a CompletedProcess (returncode, stdout, stderr) as run_cli does."""
+
+    def run(*args):
+        from qlora_lab.cli import main
+
+        argv = [str(a) for a in args]
+        capsys.readouterr()
+        try:
+            rc = main(argv)
+        except SystemExit as e:  # argparse: --help, bad arguments
+            rc = e.code
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(argv, rc, out, err)
+
+    return run
+
+
 def run_cli(*args, cwd=ROOT, env=None, timeout=600):
     """Run the real `qlora-lab` console entry in a subprocess; returns CompletedProcess."""
     e = dict(os.environ)
     e.update(env or {})
     return subprocess.run([sys.executable, "-m", "qlora_lab.cli", *map(str, args)], cwd=cwd, env=e,
                           capture_output=True, text=True, timeout=timeout)
+
+
+# ----------------------------------------------------------------------------- shared tiny runs
+# Trained once per session, in this process, and shared by the tests that only read them (merge, GGUF
+# export, generate, fused LoRA, the run-folder checks of other models). Read-only: a test that changes
+# a run copies it first.
+
+# 3 steps at a high learning rate, so the adapter moves the logits (the merge checks mean something).
+QLORA_TRAIN = ["train.max_steps=3", "train.eval_steps=3", "train.save_steps=3", "train.learning_rate=1e-2",
+               "logging.report_to=none"]
+LORA_TRAIN = ["train.max_steps=3", "train.eval_steps=3", "train.save_steps=3", "logging.report_to=none"]
+
+
+def train_tiny(config: str, overrides, out: Path) -> Path:
+    """Train configs/<config> in this process (imports and warm-up paid once); returns the run folder."""
+    from qlora_lab import training
+    from qlora_lab.config import load_config
+
+    return Path(training.main(load_config(CONFIGS / config, list(overrides)), output_dir=out))
+
+
+@pytest.fixture(scope="session")
+def qlora_runs(tmp_path_factory):
+    """{arch: (run folder, merged folder, merge record)}: the tiny Llama and Falcon QLoRA runs, each merged
+    into its 16-bit base (bf16, the default) once."""
+    from qlora_lab.merge import merge
+
+    out = {}
+    for arch in ("llama", "falcon"):
+        config = f"tiny_{arch}_qlora.yaml"
+        run = train_tiny(config, QLORA_TRAIN, tmp_path_factory.mktemp("runs") / Path(config).stem)
+        merged = tmp_path_factory.mktemp("merged") / arch
+        out[arch] = (run, merged, merge(run, merged))
+    return out
+
+
+@pytest.fixture(scope="session")
+def lora_run(tmp_path_factory) -> Path:
+    """The tiny Llama with plain LoRA (16-bit base), 3 steps."""
+    return train_tiny("tiny_llama_lora.yaml", LORA_TRAIN, tmp_path_factory.mktemp("runs") / "tiny_llama_lora")

@@ -3,7 +3,7 @@
 Packed mode concatenates a micro-batch into one row ``[1, total_len]`` and passes ``position_ids``
 that restart at 0 for each example, with no ``attention_mask``. transformers (>= 4.5x, 5.x) then
 builds a block-diagonal causal mask from the position ids, so no token attends to its neighbour
-example; tests/test_data_packing.py checks that the packed logits equal the separate ones. No
+example; tests/unit/data/test_packing.py checks that the packed logits equal the separate ones. No
 compute is spent on padding, which with OASST1's long-tailed lengths is most of a padded batch.
 The model must run with ``use_cache=False`` (``model.config.use_cache = False`` for training):
 with a KV cache, transformers skips the packed-sequence detection and attends across examples

@@ -22,7 +22,7 @@ Frozen base weights get no gradient; adapters get theirs in their own dtype (fp3
 no LoRA bias, base layer nn.Linear or bitsandbytes Linear4bit). The swapped forward falls back to
 peft's own whenever it does not apply: eval, no grad (generation), merged or disabled adapters, or
 extra forward arguments. `disable(model)` restores peft's forward. Adapters, state dicts and saving
-are untouched: only the arithmetic's route changes. tests/test_lora_fused.py checks outputs and
+are untouched: only the arithmetic's route changes. tests/unit/kernels/test_fused_lora.py checks outputs and
 gradients against peft's path on the CPU, in 4-bit and 16-bit.
 """
 from __future__ import annotations

@@ -26,7 +26,7 @@ from .trainer import Trainer
 log = logging.getLogger("qlora_lab.train")  # the name train.log lines carry
 
 # Architectures whose attention builds its mask from position_ids, so padding-free packing keeps
-# examples apart (checked by tests/test_data_packing.py). Falcon's attention does not.
+# examples apart (checked by tests/unit/data/test_packing.py). Falcon's attention does not.
 PACKING_SAFE = {"llama"}
 
 

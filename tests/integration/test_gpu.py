@@ -41,10 +41,10 @@ def test_qlora_trains_on_the_gpu(tmp_path):
 def test_fused_lora_is_as_accurate_as_peft_in_bf16_4bit_on_the_gpu(name):
     """The bench's speed comparison rests on this: on CUDA in bf16 autocast (bitsandbytes' CUDA dequantize
     kernel), the fused layer's loss and every adapter gradient are as close to the fp32 computation as
-    peft + bitsandbytes' own (tolerances: test_lora_fused.bf16_errors)."""
+    peft + bitsandbytes' own (tolerances: tests/unit/kernels/test_fused_lora.bf16_errors)."""
     import torch
 
-    from .test_lora_fused import _model, assert_fused_as_accurate_as_peft, bf16_errors
+    from ..unit.kernels.test_fused_lora import _model, assert_fused_as_accurate_as_peft, bf16_errors
 
     model = _model(name, "lora.lora_dropout=0.0")
     errors = bf16_errors(model, torch.randint(4, 200, (2, 32), device="cuda"), "cuda")

@@ -191,16 +191,15 @@ def test_eval_and_generation_use_peft_forward():
         fused_lora.LoRALinearFunction.apply = orig
 
 
-def test_training_uses_it_by_default_and_config_turns_it_off(tmp_path):
-    from .conftest import run_cli
+def test_training_uses_it_by_default_and_config_turns_it_off(qlora_runs, tmp_path):
+    """On: the shared tiny QLoRA run (conftest.py), trained with the config's default. Off: a 2-step run."""
     from qlora_lab.runs import RunFolder
 
-    sets = ["--set", "train.max_steps=2", "--set", "data.eval_size=0", "--set", "train.save_steps=100"]
-    on = run_cli("train", CONFIGS / "tiny_llama_qlora.yaml", "--output-dir", tmp_path / "on", *sets)
-    off = run_cli("train", CONFIGS / "tiny_llama_qlora.yaml", "--output-dir", tmp_path / "off", *sets,
-                  "--set", "train.fused_lora=false")
-    assert on.returncode == 0 and off.returncode == 0, (on.stderr[-2000:], off.stderr[-2000:])
-    s_on, s_off = RunFolder(tmp_path / "on").read_json("model_summary.json"), \
-        RunFolder(tmp_path / "off").read_json("model_summary.json")
+    from ...conftest import train_tiny
+
+    off = train_tiny("tiny_llama_qlora.yaml", ["train.max_steps=2", "data.eval_size=0", "train.save_steps=100",
+                                               "train.fused_lora=false"], tmp_path / "off")
+    s_on, s_off = RunFolder(qlora_runs["llama"][0]).read_json("model_summary.json"), \
+        RunFolder(off).read_json("model_summary.json")
     assert s_on["fused_lora_modules"] == s_on["n_lora_modules"] > 0
     assert s_off["fused_lora_modules"] == 0

@@ -96,7 +96,7 @@ def test_model_needs_exactly_one_source():
 
 
 def test_schema_does_not_look_at_the_machine(monkeypatch):
-    """Whether bitsandbytes or FSDP is here is plan.check_machine's (tests/test_plan.py), not the schema's."""
+    """Whether bitsandbytes or FSDP is here is plan.check_machine's (tests/unit/test_plan.py), not the schema's."""
     import qlora_lab.quant as quant
 
     monkeypatch.setattr(quant, "bitsandbytes_problem", lambda: "bitsandbytes is not installed")

@@ -7,41 +7,8 @@ import time
 import pytest
 
 from qlora_lab import demo
-from qlora_lab.errors import UserError
 
 from .conftest import run_cli
-
-
-def test_shipped_demo_set_is_lima_format_and_big_enough():
-    pairs = demo.demo_pairs()
-    assert len(pairs) >= 20 and all(q.strip() and a.strip() for q, a in pairs)
-    assert len({q for q, _ in pairs}) == len(pairs)
-
-
-def test_demo_prompts_carry_levels_from_the_data_and_the_expected_answers():
-    ps = demo.demo_prompts()
-    assert [(p.prompt, p.expected) for p in ps] == demo.demo_pairs()
-    assert {p.level for p in ps} == set(demo.LEVELS) and ps.levels == demo.LEVELS
-    by_prompt = {p.prompt: p.level for p in ps}
-    assert by_prompt["What is the capital of France?"] == "Fact"
-    assert by_prompt["How many legs does a spider have?"] == "Number"
-    assert by_prompt["What is reinforcement learning?"] == "Concept"
-
-
-def test_demo_configs_differ_only_in_quantization(tmp_path):
-    q, l = demo.demo_config("qlora", tmp_path / "x.jsonl"), demo.demo_config("lora", tmp_path / "x.jsonl")
-    dq, dl = q.to_dict(), l.to_dict()
-    assert q.is_qlora and not l.is_qlora
-    dq["train"].pop("run_name"), dl["train"].pop("run_name")
-    assert {s for s in dq if dq[s] != dl[s]} == {"quant"}
-    assert q.generation.do_sample is False  # greedy: exact matches are meaningful
-
-
-def test_out_dir_of_someone_else_is_never_deleted(tmp_path):
-    (tmp_path / "mine.txt").write_text("keep")
-    with pytest.raises(UserError, match="not empty"):
-        demo.prepare_out_dir(tmp_path)
-    assert (tmp_path / "mine.txt").read_text() == "keep"
 
 
 @pytest.mark.slow
@@ -74,6 +41,6 @@ def test_demo_learns_and_writes_everything(tmp_path):
     assert "The base model (tiny-llama) has random weights" in md
     assert "LoRA (float32 base)" in (out / "loss.svg").read_text()  # the dtype computed in on a CPU
     assert (out / "runs" / "tiny_llama_qlora" / "train.log").is_file()
-    # running it again replaces its own folder
-    assert run_cli("demo", "-o", out, "--steps", "1", "--no-progress").returncode in (0, 1)
-    assert json.loads((out / demo.MARKER).read_text())["runs"]
+    # running it again replaces its own folder (the step a second `qlora-lab demo -o` takes first)
+    assert demo.prepare_out_dir(out) == out and [p.name for p in out.iterdir()] == [demo.MARKER]
+    assert "runs" not in json.loads((out / demo.MARKER).read_text())

@@ -7,7 +7,6 @@ import torch
 
 from qlora_lab.presets import MARKER, byte_tokenizer, make_model, model_config
 
-from .conftest import run_cli
 
 
 def _params_on_meta(preset):
@@ -59,8 +58,8 @@ def test_make_model_writes_a_loadable_checkpoint(tmp_path):
     assert not list(tmp_path.glob(".m.*")), "temp folder left behind"
 
 
-def test_make_model_cli(tmp_path):
-    r = run_cli("make-model", "tiny-llama", tmp_path / "tl")
+def test_make_model_cli(tmp_path, cli):
+    r = cli("make-model", "tiny-llama", tmp_path / "tl")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "tl" / "model.safetensors").is_file()
     assert (tmp_path / "tl" / "tokenizer.json").is_file()

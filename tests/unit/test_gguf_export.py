@@ -1,7 +1,8 @@
 """`qlora-lab export-gguf` on merged tiny Llama and Falcon runs, read back with gguf-py's GGUFReader and,
 where llama-cpp-python is installed, run by llama.cpp itself.
 
-Each architecture trains once per module (3 steps), is merged (bf16) and exported as f16 and bf16.
+Each architecture trains once per session (3 steps) and is merged (bf16) once (conftest.py's qlora_runs, shared
+with the merge tests), then exported as f16 and bf16.
 """
 from __future__ import annotations
 
@@ -15,27 +16,15 @@ import pytest
 import torch
 
 from qlora_lab.cli import main
-from qlora_lab.config import load_config
 from qlora_lab.gguf_export import export, rope_rows
-from qlora_lab.merge import CHECK_PROMPTS, merge
-
-from .conftest import CONFIGS
-
-TRAIN = ["train.max_steps=3", "train.eval_steps=3", "train.save_steps=3", "train.learning_rate=1e-2",
-         "logging.report_to=none"]
+from qlora_lab.merge import CHECK_PROMPTS
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(qlora_runs, tmp_path_factory):
     """{(arch, dtype): (merged folder, GGUF file)}."""
-    from qlora_lab import training
-
     out = {}
-    for arch in ("llama", "falcon"):
-        cfg = load_config(CONFIGS / f"tiny_{arch}_qlora.yaml", TRAIN)
-        run = training.main(cfg, output_dir=tmp_path_factory.mktemp("runs") / arch)
-        merged = tmp_path_factory.mktemp("merged") / arch
-        merge(run, merged)
+    for arch, (_, merged, _) in qlora_runs.items():
         for dtype in ("f16", "bf16"):
             f = tmp_path_factory.mktemp("gguf") / f"{arch}-{dtype}.gguf"
             export(merged, f, dtype=dtype)

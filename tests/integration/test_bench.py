@@ -9,7 +9,7 @@ import json
 import torch
 
 from qlora_lab.bench import LOSS_TOLERANCE, Shape, synthetic_examples
-from qlora_lab.kernels import liger
+from qlora_lab.kernels import fused_loss, liger
 
 from .conftest import run_cli
 
@@ -69,7 +69,7 @@ def test_falcon_fused_head_and_attention_compute_the_same(tmp_path):
     ref = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").train()
     fast = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").train()
     assert liger.falcon_flash_attention(fast) == 2
-    liger.fuse_lm_head_loss(fast, liger.torch_linear_cross_entropy)
+    liger.fuse_lm_head_loss(fast, fused_loss.torch_linear_cross_entropy)
     ids = torch.randint(4, 320, (2, 40))
     labels = ids.clone()
     labels[:, :5] = -100

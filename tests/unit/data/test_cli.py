@@ -6,14 +6,12 @@ import re
 
 import pytest
 
-from qlora_lab.cli import main
-
-from .conftest import CONFIGS, FIXTURES, run_cli
+from .conftest import CONFIGS, FIXTURES
 
 
-def test_oasst1_with_lang_writes_the_english_best_paths(tmp_path):
+def test_oasst1_with_lang_writes_the_english_best_paths(tmp_path, cli):
     out = tmp_path / "oasst1.jsonl"
-    r = run_cli("data", "oasst1", FIXTURES / "oasst1_messages.jsonl.gz", "-o", out, "--lang", "en")
+    r = cli("data", "oasst1", FIXTURES / "oasst1_messages.jsonl.gz", "-o", out, "--lang", "en")
     assert r.returncode == 0, r.stderr
     rows = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
     assert [(x["id"], len(x["messages"])) for x in rows] == [("t1", 4), ("t2", 2)]
@@ -22,13 +20,13 @@ def test_oasst1_with_lang_writes_the_english_best_paths(tmp_path):
     assert "language 1" in r.stdout and "tree_state not ready_for_export 1" in r.stdout
 
 
-def test_oasst1_keep_unanswered_prompt_on_an_export_without_dates(tmp_path):
+def test_oasst1_keep_unanswered_prompt_on_an_export_without_dates(tmp_path, cli):
     src = FIXTURES / "oasst1_export_no_dates.trees.jsonl"
     out, kept = tmp_path / "default.jsonl", tmp_path / "guanaco_form.jsonl"
-    r = run_cli("data", "oasst1", src, "-o", out)
+    r = cli("data", "oasst1", src, "-o", out)
     assert r.returncode == 0, r.stderr
     assert "2 paths ended on a prompter message (that message dropped)" in r.stdout
-    r = run_cli("data", "oasst1", src, "-o", kept, "--keep-unanswered-prompt")
+    r = cli("data", "oasst1", src, "-o", kept, "--keep-unanswered-prompt")
     assert r.returncode == 0, r.stderr
     assert "5 trees read, 3 conversations written" in r.stdout
     assert "2 paths ended on a prompter message (that message kept)" in r.stdout
@@ -40,13 +38,13 @@ def test_oasst1_keep_unanswered_prompt_on_an_export_without_dates(tmp_path):
     assert [x["messages"][:-1] for x in rows[1:]] == [x["messages"] for x in default[1:]]
 
 
-def test_lima_then_stats_with_histogram_png(tmp_path):
+def test_lima_then_stats_with_histogram_png(tmp_path, cli):
     out = tmp_path / "lima.jsonl"
-    r = run_cli("data", "lima", FIXTURES / "lima_sample.jsonl", "-o", out)
+    r = cli("data", "lima", FIXTURES / "lima_sample.jsonl", "-o", out)
     assert r.returncode == 0, r.stderr
     assert "5 rows read, 5 conversations written (1 multi-turn, 1 prompt-only" in r.stdout
     png = tmp_path / "hist.png"
-    r = run_cli("data", "stats", out, "--config", CONFIGS / "tiny_llama_lora.yaml",
+    r = cli("data", "stats", out, "--config", CONFIGS / "tiny_llama_lora.yaml",
                 "--set", "data.format=lima_eot", "--set", "data.max_length=64", "--png", png, "--bins", "4")
     assert r.returncode == 0, r.stderr
     assert "5 rows, 4 with an answer, 1 prompt-only" in r.stdout
@@ -77,19 +75,19 @@ BAD = [
 
 
 @pytest.mark.parametrize("verb,name,message", BAD, ids=[b[1] for b in BAD])
-def test_bad_input_exits_2_with_one_line_and_leaves_output_alone(tmp_path, capsys, verb, name, message):
+def test_bad_input_exits_2_with_one_line_and_leaves_output_alone(tmp_path, verb, name, message, cli):
     out = tmp_path / "out.jsonl"
     out.write_text('{"keep": "me"}\n')
-    assert main(["data", verb, str(FIXTURES / name), "-o", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert err.splitlines() == [err.strip()]  # one line, no traceback
-    assert err.startswith(f"qlora-lab: error: {FIXTURES / name}{message}")
+    r = cli("data", verb, FIXTURES / name, "-o", out)
+    assert r.returncode == 2
+    assert r.stderr.splitlines() == [r.stderr.strip()]  # one line, no traceback
+    assert r.stderr.startswith(f"qlora-lab: error: {FIXTURES / name}{message}")
     assert out.read_text() == '{"keep": "me"}\n'
     assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
 
 
-def test_stats_on_a_bad_prepared_file_and_missing_input(tmp_path, capsys):
-    rc = main(["data", "stats", str(FIXTURES / "bad_prepared_roles.jsonl"), "--config", str(CONFIGS / "tiny_llama_lora.yaml")])
-    assert rc == 2 and "bad_prepared_roles.jsonl:2: messages[1].role: roles must alternate" in capsys.readouterr().err
-    assert main(["data", "oasst1", str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "o.jsonl")]) == 2
-    assert capsys.readouterr().err.strip() == f"qlora-lab: error: {tmp_path / 'nope.jsonl'}: file not found"
+def test_stats_on_a_bad_prepared_file_and_missing_input(tmp_path, cli):
+    r = cli("data", "stats", FIXTURES / "bad_prepared_roles.jsonl", "--config", CONFIGS / "tiny_llama_lora.yaml")
+    assert r.returncode == 2 and "bad_prepared_roles.jsonl:2: messages[1].role: roles must alternate" in r.stderr
+    r = cli("data", "oasst1", tmp_path / "nope.jsonl", "-o", tmp_path / "o.jsonl")
+    assert r.returncode == 2 and r.stderr.strip() == f"qlora-lab: error: {tmp_path / 'nope.jsonl'}: file not found"

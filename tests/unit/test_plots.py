@@ -8,7 +8,6 @@ import pytest
 from qlora_lab import plots
 from qlora_lab.errors import UserError
 
-from .conftest import run_cli
 from .test_report import make_run
 
 
@@ -109,9 +108,9 @@ def test_wandb_history_uses_scan_history(tmp_path, monkeypatch):
         plots.wandb_history("me/proj/zzz", api=Broken())
 
 
-def test_plot_cli_writes_png_and_svg(tmp_path):
+def test_plot_cli_writes_png_and_svg(tmp_path, cli):
     a, b = make_run(tmp_path, "q"), make_run(tmp_path, "l", "lora")
-    r = run_cli("plot", a, b, "-o", tmp_path / "loss.png", "--x", "tokens")
+    r = cli("plot", a, b, "-o", tmp_path / "loss.png", "--x", "tokens")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "loss.png").stat().st_size > 1000 and (tmp_path / "loss.svg").is_file()
 

@@ -1,4 +1,5 @@
-"""`import qlora_lab` is light: no torch, bitsandbytes or wandb until a verb needs them."""
+"""`import qlora_lab` is light (no torch, bitsandbytes or wandb until a verb needs them; a fresh interpreter
+checks it), every verb has help, and imports flow one way."""
 from __future__ import annotations
 
 import subprocess

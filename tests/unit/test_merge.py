@@ -1,7 +1,7 @@
 """`qlora-lab merge` on the tiny random-weight Llama and Falcon: real (short) QLoRA runs, real adapters.
 
-Each architecture trains once per module (3 steps at a high learning rate, so the adapter moves the
-logits) and is merged once; the tests read what was written.
+Each architecture trains once per session (3 steps at a high learning rate, so the adapter moves the
+logits) and is merged once (conftest.py's qlora_runs, shared with the GGUF tests); the tests read what was written.
 """
 from __future__ import annotations
 
@@ -19,29 +19,10 @@ from qlora_lab.cli import main
 from qlora_lab.config import load_config
 from qlora_lab.merge import CHECK_PROMPTS, merge
 
-from .conftest import CONFIGS
-
-TRAIN = ["train.max_steps=3", "train.eval_steps=3", "train.save_steps=3", "train.learning_rate=1e-2",
-         "logging.report_to=none"]
-
-
-def _train(tmp_path_factory, config: str):
-    from qlora_lab import training
-
-    cfg = load_config(CONFIGS / config, TRAIN)
-    return Path(training.main(cfg, output_dir=tmp_path_factory.mktemp("runs") / Path(config).stem))
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """{arch: (run folder, merged folder, merge.json)} for the tiny Llama and Falcon QLoRA runs."""
-    out = {}
-    for arch, config in (("llama", "tiny_llama_qlora.yaml"), ("falcon", "tiny_falcon_qlora.yaml")):
-        run = _train(tmp_path_factory, config)
-        merged = tmp_path_factory.mktemp("merged") / arch
-        record = merge(run, merged)
-        out[arch] = (run, merged, record)
-    return out
+def runs(qlora_runs):
+    """{arch: (run folder, merged folder, merge.json)} for the tiny Llama and Falcon QLoRA runs (conftest.py)."""
+    return qlora_runs
 
 
 def _reference_logits(run: Path) -> list[torch.Tensor]:

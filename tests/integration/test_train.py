@@ -1,4 +1,5 @@
-"""The training recipe end to end through the real CLI, on tiny random-weight Llama and Falcon."""
+"""The training recipe end to end through the real CLI, on tiny random-weight Llama and Falcon: the 24-step run
+and the wandb run in a child process, as a user runs them; resume and refusals through the CLI's main()."""
 from __future__ import annotations
 
 import os
@@ -6,6 +7,7 @@ import os
 import pytest
 import torch
 
+from qlora_lab.cli import main
 from qlora_lab.runs import RunFolder
 
 from .conftest import CONFIGS, run_cli
@@ -28,8 +30,9 @@ def llama_qlora(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["tiny_falcon_qlora", "tiny_llama_lora"])
-def test_other_models_and_methods_train(tmp_path, name):
-    run = _train(tmp_path, name, steps=8)
+def test_other_models_and_methods_train(qlora_runs, lora_run, name):
+    """The shared tiny runs (conftest.py, trained in this process): the same recipe the CLI calls."""
+    run = RunFolder(qlora_runs["falcon"][0] if name == "tiny_falcon_qlora" else lora_run)
     for f in RUN_FILES:
         assert (run.path / f).exists(), f
     s = run.read_json("model_summary.json")
@@ -110,8 +113,7 @@ def test_resume_continues_the_same_curve(tmp_path, llama_qlora):
     for c in run.checkpoints()[1:]:
         shutil.rmtree(c)
     assert run.last_checkpoint().name == "checkpoint-8"
-    r = run_cli("train", run.config_file, "--output-dir", run.path, "--resume")
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert main(["train", str(run.config_file), "--output-dir", str(run.path), "--resume"]) == 0
     a, b = llama_qlora.metrics(), run.metrics()
     assert [x["step"] for x in a] == [x["step"] for x in b]
     for x, y in zip(a, b):
@@ -121,10 +123,12 @@ def test_resume_continues_the_same_curve(tmp_path, llama_qlora):
                 assert abs(x[k] - y[k]) <= 1e-6, (x, y)
 
 
-def test_existing_run_is_not_overwritten(llama_qlora):
+def test_existing_run_is_not_overwritten(llama_qlora, capsys):
     before = llama_qlora.metrics_file.read_bytes()
-    r = run_cli("train", CONFIGS / "tiny_llama_qlora.yaml", "--output-dir", llama_qlora.path)
-    assert r.returncode == 2 and "--resume" in r.stderr and "Traceback" not in r.stderr
+    capsys.readouterr()
+    rc = main(["train", str(CONFIGS / "tiny_llama_qlora.yaml"), "--output-dir", str(llama_qlora.path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--resume" in err and "Traceback" not in err
     assert llama_qlora.metrics_file.read_bytes() == before
 
 
@@ -147,20 +151,20 @@ def test_wandb_offline_without_key(tmp_path, monkeypatch):
     assert len(RunFolder(out).metrics()) >= 2
 
 
-def test_packing_trains_llama_and_is_refused_for_falcon(tmp_path):
-    r = run_cli("train", CONFIGS / "tiny_llama_qlora.yaml", "--output-dir", tmp_path / "p", "--set",
-                "train.max_steps=2", "--set", "data.packing=true")
-    assert r.returncode == 0, r.stderr[-3000:]
+def test_packing_trains_llama_and_is_refused_for_falcon(tmp_path, capsys):
+    assert main(["train", str(CONFIGS / "tiny_llama_qlora.yaml"), "--output-dir", str(tmp_path / "p"), "--set",
+                 "train.max_steps=2", "--set", "data.packing=true"]) == 0
     assert len([x for x in RunFolder(tmp_path / "p").metrics() if "loss" in x]) == 2
-    r = run_cli("train", CONFIGS / "tiny_falcon_qlora.yaml", "--output-dir", tmp_path / "f", "--set",
-                "data.packing=true")
-    assert r.returncode == 2 and "data.packing" in r.stderr and "Traceback" not in r.stderr
+    capsys.readouterr()
+    rc = main(["train", str(CONFIGS / "tiny_falcon_qlora.yaml"), "--output-dir", str(tmp_path / "f"), "--set",
+               "data.packing=true"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "data.packing" in err and "Traceback" not in err
     assert not (tmp_path / "f" / "metrics.jsonl").exists()
 
 
 def test_oom_while_loading_the_model_names_the_knobs(tmp_path, capsys, monkeypatch):
     import qlora_lab.model as M
-    from qlora_lab.cli import main
 
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 13.00 GiB.")

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from .conftest import ROOT
-from .test_report import gen_rows, make_run
+from ..unit.test_report import gen_rows, make_run
 
 NOTEBOOKS = ROOT / "notebooks"
 TINY = ["train.max_steps=2", "train.eval_steps=2", "train.save_steps=2", "generation.max_new_tokens=4",

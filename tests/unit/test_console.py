@@ -1,4 +1,5 @@
-"""The console shows our lines (and progress bars on a terminal); library warnings go to the run's train.log."""
+"""The console shows our lines (and progress bars on a terminal); library warnings go to the run's train.log.
+A real run's console: tests/integration/test_cli_runs.py."""
 from __future__ import annotations
 
 import io
@@ -7,8 +8,6 @@ import re
 import warnings
 
 from qlora_lab import console
-
-from .conftest import CONFIGS, run_cli
 
 
 class _Stream(io.StringIO):
@@ -54,24 +53,3 @@ def test_no_log_file_without_a_record(tmp_path):
     with console.log_file(tmp_path / "out" / "compare.log"):
         pass
     assert not (tmp_path / "out").exists()
-
-
-def test_train_console_is_our_lines_only_and_library_warnings_are_in_train_log(tmp_path):
-    """A real tiny run, stderr a pipe (not a terminal): no library warnings, no tqdm redraw codes, a plain
-    line per tenth of the run, rounded losses; the warnings are in train.log. lm_head among the targets
-    makes peft warn about save_embedding_layers; transformers warns about gradient_checkpointing."""
-    run = tmp_path / "run"
-    r = run_cli("train", CONFIGS / "tiny_llama_qlora.yaml", "--output-dir", run, "--set", "train.max_steps=3",
-                "--set", "data.eval_size=0", "--set", "lora.target_modules=[q_proj,v_proj,lm_head]")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "\r" not in r.stderr and "\x1b" not in r.stderr, r.stderr[-2000:]
-    lines = r.stderr.splitlines()
-    assert lines and all(line.startswith("qlora-lab: ") for line in lines), r.stderr[-3000:]
-    assert [line for line in lines if re.match(r"qlora-lab: step \d/3: loss \d", line)]
-    done = next(line for line in lines if line.startswith("qlora-lab: done:"))
-    m = re.search(r"final loss (\S+), eval loss (\S+);", done)
-    assert m and m.group(2) == "-", done
-    assert len(re.sub(r"\D", "", m.group(1)).lstrip("0")) <= 4, done  # 4 significant digits, not 17
-    log = (run / "train.log").read_text()
-    assert "py.warnings WARNING" in log and "save_embedding_layers" in log, log[-3000:]
-    assert "model: LlamaForCausalLM, nf4 base computing in float32" in log  # the plan's dtype, not '16-bit'
