@@ -11,6 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
+SAMPLES = ROOT / "src" / "qlora_lab" / "resources" / "samples"  # data shipped with the package
 CONFIGS = ROOT / "configs"
 
 os.environ.setdefault("WANDB_MODE", "offline")

@@ -6,7 +6,7 @@ was (bytes and modification times), including an existing run folder it was poin
 
 The corpus is CASES below: (id, argv, fragments the error line must contain). Files live in
 tests/fixtures/bad/ (this suite's) and tests/fixtures/bad_*.jsonl (the data package's own).
-Placeholders: {bad} = tests/fixtures/bad, {fx} = tests/fixtures, {cfg} = the tiny QLoRA config,
+Placeholders: {bad} = tests/fixtures/bad, {fx} = tests/fixtures, {samples} = the package's sample data, {cfg} = the tiny QLoRA config,
 {w} = a scratch world holding an existing run folder ({w}/run), a folder that is not a run
 ({w}/notarun) and an existing output file ({w}/out.jsonl).
 """
@@ -20,7 +20,7 @@ import sys
 
 import pytest
 
-from .conftest import CONFIGS, FIXTURES, ROOT
+from .conftest import CONFIGS, FIXTURES, ROOT, SAMPLES
 
 BAD = FIXTURES / "bad"
 CFG = CONFIGS / "tiny_llama_qlora.yaml"
@@ -72,7 +72,7 @@ CASES = [
     ("cli-unknown-option", ["train", "{cfg}", "--epochs", "3"], ["--epochs"]),
     ("cli-missing-config-arg", ["train"], ["config"]),
     ("cli-unknown-preset", ["make-model", "tiny-gpt", "{w}/m"], ["tiny-gpt", "invalid choice"]),
-    ("cli-stats-bins-0", ["data", "stats", "{fx}/tiny_sft.jsonl", "--config", "{cfg}", "--bins", "0"], ["--bins", "0"]),
+    ("cli-stats-bins-0", ["data", "stats", "{samples}/tiny_sft.jsonl", "--config", "{cfg}", "--bins", "0"], ["--bins", "0"]),
     # --- data files (train, through the config's data.train_file)
     ("data-missing-file", TRAIN + ["--set", "data.train_file={bad}/nope.jsonl"], ["data.train_file", "nope.jsonl", "not found"]),
     ("data-empty-file", TRAIN + ["--set", "data.train_file={fx}/bad_empty.jsonl"], ["bad_empty.jsonl", "empty"]),
@@ -168,7 +168,7 @@ def _state(*roots) -> dict:
 
 
 def _argv(argv, w) -> list[str]:
-    sub = {"{bad}": str(BAD), "{fx}": str(FIXTURES), "{cfg}": str(CFG), "{w}": str(w)}
+    sub = {"{bad}": str(BAD), "{fx}": str(FIXTURES), "{samples}": str(SAMPLES), "{cfg}": str(CFG), "{w}": str(w)}
     out = []
     for a in argv:
         for k, v in sub.items():

@@ -8,10 +8,11 @@ import pytest
 
 from qlora_lab.config import load_config
 from qlora_lab.data import load_datasets, prepare_lima, prepare_oasst1
+from qlora_lab.data.dataset import resolve_data_path
 from qlora_lab.errors import DataError
 from qlora_lab.presets import byte_tokenizer
 
-from .conftest import CONFIGS, FIXTURES
+from .conftest import CONFIGS, FIXTURES, SAMPLES
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def cfg():
-    return load_config(CONFIGS / "tiny_llama_lora.yaml")  # train_file: tests/fixtures/tiny_sft.jsonl
+    return load_config(CONFIGS / "tiny_llama_lora.yaml")  # train_file: qlora_lab:samples/tiny_sft.jsonl
 
 
 def _rows(ds):
@@ -34,7 +35,7 @@ def test_tiny_config_loads_with_a_deterministic_eval_split(cfg, tok, caplog, mon
         train, ev, stats = load_datasets(cfg, tok)
     assert (len(train), len(ev)) == (20, 4) == (stats["n_train"], stats["n_eval"])
     assert set(train.column_names) == {"input_ids", "labels"}
-    assert stats["train_file"] == str(FIXTURES / "tiny_sft.jsonl")
+    assert stats["train_file"] == str(SAMPLES / "tiny_sft.jsonl")  # the packaged sample
     assert stats["dropped_truncated"] == stats["dropped_no_assistant"] == 0
     total = sum(len(x) for x in train["input_ids"])
     trained = sum(1 for lab in train["labels"] for t in lab if t != -100)
@@ -96,12 +97,20 @@ def test_conversations_ending_on_a_user_turn_train_on_the_answers_only(cfg, tok,
 
 def test_eval_file_and_cwd_first_resolution(cfg, tok, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "tests" / "fixtures").mkdir(parents=True)
-    rows = [json.loads(x) for x in (FIXTURES / "tiny_sft.jsonl").read_text().splitlines()][:3]
-    (tmp_path / "tests" / "fixtures" / "tiny_sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    train, ev, stats = load_datasets(cfg.set("data.eval_file=tests/fixtures/tiny_sft.jsonl"), tok)
-    assert len(train) == 3 and len(ev) == 3  # the cwd copy (3 rows) wins for both keys
-    assert stats["eval_file"] == str(tmp_path / "tests" / "fixtures" / "tiny_sft.jsonl")
+    (tmp_path / "data").mkdir()
+    rows = [json.loads(x) for x in (SAMPLES / "tiny_sft.jsonl").read_text().splitlines()][:3]
+    (tmp_path / "data" / "tiny.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train, ev, stats = load_datasets(cfg.set("data.train_file=data/tiny.jsonl", "data.eval_file=data/tiny.jsonl"), tok)
+    assert len(train) == 3 and len(ev) == 3  # relative paths: the current directory first
+    assert stats["train_file"] == stats["eval_file"] == str(tmp_path / "data" / "tiny.jsonl")
+
+
+def test_a_packaged_sample_is_named_by_qlora_lab_prefix(cfg, tok):
+    from qlora_lab.errors import DataError
+
+    assert resolve_data_path("qlora_lab:samples/tiny_sft.jsonl", cfg, "train_file") == SAMPLES / "tiny_sft.jsonl"
+    with pytest.raises(DataError, match="data.train_file: qlora_lab:samples/nope.jsonl: no such file among"):
+        resolve_data_path("qlora_lab:samples/nope.jsonl", cfg, "train_file")
 
 
 def test_missing_and_bad_files_name_the_key_or_the_line(cfg, tok):
