@@ -33,11 +33,12 @@ def test_bench_cli_tiny_presets_agree_with_baseline(tmp_path):
         for key in ("median_step_s", "tokens_per_s", "weights_bytes", "flops_per_token", "n_lora_modules"):
             assert row[key] > 0, key
         assert "peak_allocated_bytes" in row and "peak_reserved_bytes" in row and row["mfu"] is None  # CPU
+        assert len(row["host_load_1min"]) == 2 and min(row["host_load_1min"]) >= 0  # before / after its worker
         assert rows[(row["preset"], "ours")]["n_lora_modules"] == rows[(row["preset"], "baseline")]["n_lora_modules"]
     # The standard recipe leaves Falcon's FalconLinear layers 16-bit, and the table says so.
     assert rows[("tiny-falcon", "baseline")]["n_linear_16bit"] == rows[("tiny-falcon", "baseline")]["n_linear"] > 0
     assert rows[("tiny-falcon", "ours")]["n_linear_16bit"] == 0
-    assert "16-bit" in rep["table"]
+    assert "16-bit" in rep["table"] and "Host load (1-minute average" in rep["table"]
     assert len(rep["comparisons"]) == 4
     for c in rep["comparisons"]:
         assert c["loss_ok"] and c["loss_max_rel_diff"] <= LOSS_TOLERANCE and c["speedup"] > 0

@@ -112,6 +112,11 @@ def test_peer_rows_get_our_flops_and_say_when_weights_stay_16bit():
     report = {"env": {}, "comparisons": [], "steps": 20, "warmup_steps": 5, "rows": [row, off]}
     table = markdown(report)
     assert "| falcon-7b | 8x512 | unsloth[gc=unsloth] |" in table and "16-bit weights" in table
+    assert "Host load" not in table  # rows without the record (older reports) get no host line
+    row["host_load_1min"], off["host_load_1min"] = [1.0, 3.5], [0.5, 0.75]
+    report["env"]["cpu_count"] = 16
+    assert ("Host load (1-minute average, 16 CPUs) before / after each row's worker: "
+            "unsloth[gc=unsloth] 1 / 3.5; unsloth[gc=off] 0.5 / 0.75.") in markdown(report)
 
 
 def _script(path, text):

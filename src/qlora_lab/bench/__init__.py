@@ -121,7 +121,7 @@ def _run_worker(spec: dict, cmd: list, env: dict, timeout, cwd=None) -> tuple[li
     Path(spec["workdir"]).mkdir(parents=True, exist_ok=True)
     out = Path(spec["workdir"]) / "events.jsonl"
     spec = {**spec, "out": str(out)}
-    t0 = time.perf_counter()
+    t0, load0 = time.perf_counter(), _host_load()
     try:
         p = subprocess.run(cmd + [json.dumps(spec)], env=env, cwd=cwd, stdout=sys.stderr, stderr=subprocess.PIPE,
                            text=True, timeout=timeout)
@@ -136,11 +136,13 @@ def _run_worker(spec: dict, cmd: list, env: dict, timeout, cwd=None) -> tuple[li
                 events.append(json.loads(line))
             except json.JSONDecodeError:
                 pass
-    info = {"preset": spec["preset"], "label": spec["label"], "returncode": rc, "seconds": round(time.perf_counter() - t0, 1)}
+    load = [load0, _host_load()]
+    info = {"preset": spec["preset"], "label": spec["label"], "returncode": rc, "seconds": round(time.perf_counter() - t0, 1),
+            "host_load_1min": load}
     for e in events:
         if e.get("event") == "start":
             info.update({k: v for k, v in e.items() if k != "event"})
-    rows = [e["row"] for e in events if e.get("event") == "row"]
+    rows = [{**e["row"], "host_load_1min": load} for e in events if e.get("event") == "row"]
     done = {(r["path"], r["seq_len"], r["batch_size"]) for r in rows}
     for label, _ in spec["runs"]:
         for L, B in spec["shapes"]:
@@ -149,6 +151,15 @@ def _run_worker(spec: dict, cmd: list, env: dict, timeout, cwd=None) -> tuple[li
                 rows.append({"preset": spec["preset"], "path": label, "seq_len": L, "batch_size": B,
                              "status": f"failed: {why}"})
     return rows, info
+
+
+def _host_load() -> float | None:
+    """The host's 1-minute load average: our path does more host-side work per step than the peer's, so
+    other work on the same machine slows it more. Recorded before and after each worker, per row."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:  # pragma: no cover - platforms without getloadavg
+        return None
 
 
 def launch_command(launch) -> list[str]:

@@ -92,6 +92,12 @@ def markdown(report: dict) -> str:
                      f"| {'n/a' if hw is None else f'{hw:.1%}'} "
                      f"| {_gib(r.get('peak_allocated_bytes'))} | {_gib(r.get('peak_reserved_bytes'))} | {w} "
                      f"| {speed} | {loss} |")
+    loads = [(r["path"], r["host_load_1min"]) for r in report["rows"] if r.get("host_load_1min")]
+    if loads and all(x is not None for _, ld in loads for x in ld):
+        cpus = report["env"].get("cpu_count")
+        lines.append(f"\nHost load (1-minute average, {cpus} CPUs) before / after each row's worker: "
+                     + "; ".join(f"{p} {a:g} / {b:g}" for p, (a, b) in loads)
+                     + ". Other work on the host slows our path more than the peer's: compare rows measured under similar load.")
     for c in report.get("scaling") or []:
         line = f"\n{c['preset']} {c['path']} ({c['world_size']} GPUs, {c['batch_size']}x{c['seq_len']} in all) vs {c['reference']} on 1 GPU:"
         if "speedup" in c:
