@@ -19,7 +19,8 @@ def add_parser(sub) -> None:
     p.add_argument("--memory-budget", type=float, help="also train the QLoRA arm under this many GiB (15: a T4)")
     p.add_argument("--budget-steps", type=int, help="steps of the memory-budget run (default: as the others)")
     p.add_argument("--gpus", type=_gpu_list, metavar="I,J,...",
-                   help="train the arms (and the memory-budget run) side by side, one per GPU (e.g. 0,1)")
+                   help="train the arms (and the memory-budget run) side by side, one per GPU: indices as nvidia-smi "
+                        "numbers them (they replace CUDA_VISIBLE_DEVICES), e.g. 0,1")
     add_set(p, help="config override for every arm (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
