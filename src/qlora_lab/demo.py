@@ -19,13 +19,12 @@ import json
 import shutil
 import time
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Optional
 
 from .config import Config, GenerationConfig, from_dict
 from .errors import UserError
-from .fileio import atomic_write
+from .fileio import atomic_write, resource
 from .prompts import Prompt, PromptSet
 
 MARKER = "demo.json"
@@ -76,7 +75,7 @@ class DemoResult:
 
 
 def _demo_rows() -> list[dict]:
-    path = resources.files("qlora_lab") / "resources" / "demo" / "lima_demo.jsonl"
+    path = resource("demo", "lima_demo.jsonl")
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
@@ -150,10 +149,8 @@ def run_demo(out_dir="qlora-lab-demo", steps: Optional[int] = None, progress: bo
 
     t0 = time.perf_counter()
     out = prepare_out_dir(out_dir)
-    src = resources.files("qlora_lab") / "resources" / "demo" / "lima_demo.jsonl"
     train_file = out / "data" / "lima_demo.jsonl"
-    with resources.as_file(src) as src_path:
-        prepare_lima(src_path, train_file)
+    prepare_lima(resource("demo", "lima_demo.jsonl"), train_file)
 
     runs = {}
     for method in METHODS:

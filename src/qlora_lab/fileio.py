@@ -30,6 +30,14 @@ _MAX_SAFETENSORS_HEADER = 100 * 2**20  # bytes; the library's own limit
 
 # ----------------------------------------------------------------------------- writing
 
+def resource(*parts: str) -> Path:
+    """A file or folder shipped in the package's resources/ (prompt sets, samples, demo data, launch
+    configs), wherever the package is installed."""
+    from importlib import resources
+
+    return Path(str(resources.files("qlora_lab").joinpath("resources", *parts)))
+
+
 def check_output_file(path) -> Path:
     """`path` can become a file: it is not a folder and no folder above it is a file. Checked before
     work whose result it will hold, so a wrong -o fails at once, in one line."""

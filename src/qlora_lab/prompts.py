@@ -17,13 +17,13 @@ The study sets ship with the package (``resources/prompts/``) and are named by t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Optional
 
 import yaml
 
 from .errors import UserError, where
+from .fileio import resource
 
 _TOP_KEYS = {"name", "description", "levels", "prompts"}
 _PROMPT_KEYS = {"id", "level", "prompt", "expected"}
@@ -57,7 +57,7 @@ class PromptSet:
 
 def packaged() -> list[str]:
     """Names of the prompt sets shipped with the package."""
-    d = resources.files("qlora_lab") / "resources" / "prompts"
+    d = resource("prompts")
     return sorted(p.name[:-5] for p in d.iterdir() if p.name.endswith(".yaml"))
 
 
@@ -65,7 +65,7 @@ def resolve(name_or_path) -> Path:
     """Path of a prompt set: a packaged name (``oasst1_levels``) or a path to a YAML file."""
     s = str(name_or_path)
     if s in packaged():
-        return Path(str(resources.files("qlora_lab") / "resources" / "prompts" / f"{s}.yaml"))
+        return resource("prompts", f"{s}.yaml")
     p = Path(s)
     if p.is_file():
         return p

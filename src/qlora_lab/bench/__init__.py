@@ -176,14 +176,14 @@ def launch_command(launch) -> list[str]:
 def accelerate_config(name: str) -> Path:
     """The launch config NAME shipped with the package (resources/accelerate/, a byte-identical copy of the
     repo's configs/accelerate/NAME, which users read and edit): found wherever the package is installed."""
-    from importlib import resources
+    from ..fileio import resource
 
-    p = resources.files("qlora_lab") / "resources" / "accelerate" / name
+    p = resource("accelerate", name)
     if not p.is_file():
         from ..errors import UserError
 
         raise UserError(f"qlora_lab/resources/accelerate/{name} not found (an incomplete install?)")
-    return Path(str(p))
+    return p
 
 
 def _last_error(tail: str) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import DataError, where
+from ..fileio import resource
 from .conversation import check_messages, has_answer
 from .formats import IGNORE, tokenize_conversation
 from .jsonl import read_records
@@ -31,9 +32,7 @@ def resolve_data_path(value: Optional[str], cfg, key: str) -> Path:
         raise DataError(f"data.{key}: not set; write a prepared file with `qlora-lab data oasst1` or "
                         f"`qlora-lab data lima` and point data.{key} at it")
     if value.startswith(PACKAGED):
-        from importlib import resources
-
-        p = Path(str(resources.files("qlora_lab") / "resources" / value[len(PACKAGED):]))
+        p = resource(*value[len(PACKAGED):].split("/"))
         if not p.is_file():
             raise DataError(f"data.{key}: {value}: no such file among the package's samples ({p})")
         return p
