@@ -32,7 +32,7 @@ def _shape(mc) -> dict:
         kv = hd if getattr(mc, "multi_query", True) else h
         linears = [(h, h + 2 * kv), (h, h), (h, m), (m, h)]
         tied = getattr(mc, "tie_word_embeddings", True)
-        # Fused LoRA saves each input once (+1-byte masks) where peft saves input+mask per layer:
+        # Fused LoRA saves each input once (and no mask) where peft saves input+mask per layer:
         # qkv and h_to_4h share one input (parallel attention), dense's input is kept by SDPA anyway.
         # That alone is 4h; fitted to the H100 peaks of run 3 (32.5 -> 25.4 GiB at 8x512): 13h.
         shared_saving = 13 * h
@@ -69,7 +69,7 @@ def weights_gib(mc, bits, dtype_bytes: int = 2) -> float:
 
 
 def activation_bytes_per_token(model_config, recomputed: bool, seq_len: int = 0,
-                               fused_attention: bool = True, fused_lora: bool = False, dropout: bool = True) -> float:
+                               fused_attention: bool = True, fused_lora: bool = False) -> float:
     """Saved activations per token for a LoRA backward (16-bit activations, LoRA on every linear),
     with every layer recomputed (`recomputed`) or none.
 
@@ -79,8 +79,8 @@ def activation_bytes_per_token(model_config, recomputed: bool, seq_len: int = 0,
     attention without our fix stores its T x T scores (SDPA math kernel): 4 x heads x T bytes more.
     With recomputation only the layer's input (one hidden vector) stays. The fused LoRA layer
     (kernels/fused_lora.py) keeps a shared input once where peft keeps a dropped-out copy per layer,
-    and its dropout masks in 1 bit per element instead of 1 byte (kernels/bitmask.py); without dropout
-    there are no masks. (The fits above were made with 1-byte masks at lora_dropout 0.05.)
+    and no dropout mask (its backward draws the mask again). (The fits above were made with peft's
+    1-byte masks at lora_dropout 0.05.)
     """
     s = _shape(model_config)
     if recomputed:
@@ -90,19 +90,18 @@ def activation_bytes_per_token(model_config, recomputed: bool, seq_len: int = 0,
         if model_config.model_type == "falcon" and not fused_attention:
             per_layer += 4 * model_config.num_attention_heads * seq_len
         if fused_lora:
-            per_layer -= s["shared_saving"] + s["mask_bytes"] * (7 / 8 if dropout else 1)
+            per_layer -= s["shared_saving"] + s["mask_bytes"]
     return s["layers"] * per_layer
 
 
 def estimate_peak_gib(mc, bits, tokens: int, recompute_layers: int, lora_r: int = 64,
                       fused_ce: bool = True, dtype_bytes: int = 2, seq_len: int = 0,
-                      fused_lora: bool = False, dropout: bool = True) -> float:
+                      fused_lora: bool = False) -> float:
     """Peak GPU memory (GiB) of one training step with `tokens` per micro-batch and the first
     `recompute_layers` decoder layers recomputed (fused_ce: our kernels)."""
     s = _shape(mc)
     n = s["layers"]
-    full = activation_bytes_per_token(mc, False, seq_len, fused_attention=fused_ce, fused_lora=fused_lora,
-                                      dropout=dropout) / n
+    full = activation_bytes_per_token(mc, False, seq_len, fused_attention=fused_ce, fused_lora=fused_lora) / n
     ckpt = activation_bytes_per_token(mc, True) / n
     k = max(0, min(n, recompute_layers))
     act = tokens * ((n - k) * full + k * ckpt + (full if k else 0))  # + one layer re-materialized
@@ -112,7 +111,7 @@ def estimate_peak_gib(mc, bits, tokens: int, recompute_layers: int, lora_r: int 
 
 
 def fastest_fit(mc, bits, seq_len: int, global_batch: int, budget_gib: float, lora_r: int = 64,
-                fused_ce: bool = True, fused_lora: bool = False, dropout: bool = True) -> tuple[int, int, float, str]:
+                fused_ce: bool = True, fused_lora: bool = False) -> tuple[int, int, float, str]:
     """(micro_batch, recompute_layers, est_peak_gib, why): the fastest split that fits the budget.
 
     Cost model in tokens of compute: tokens x (1 + 0.5 x fraction of layers recomputed) plus a fixed
@@ -124,8 +123,7 @@ def fastest_fit(mc, bits, seq_len: int, global_batch: int, budget_gib: float, lo
     for micro in sorted((d for d in range(1, global_batch + 1) if global_batch % d == 0), reverse=True):
         tokens = micro * seq_len
         for k in range(n + 1):
-            est = estimate_peak_gib(mc, bits, tokens, k, lora_r, fused_ce, seq_len=seq_len, fused_lora=fused_lora,
-                                    dropout=dropout)
+            est = estimate_peak_gib(mc, bits, tokens, k, lora_r, fused_ce, seq_len=seq_len, fused_lora=fused_lora)
             if est <= BUDGET_FILL * budget_gib:
                 cost = global_batch * seq_len * (1 + RECOMPUTE_COST * k / n) + \
                     (global_batch // micro) * MICRO_BATCH_OVERHEAD_TOKENS
@@ -133,8 +131,7 @@ def fastest_fit(mc, bits, seq_len: int, global_batch: int, budget_gib: float, lo
                     best = (cost, micro, k, est)
                 break
     if best is None:  # nothing fits: smallest micro-batch, everything recomputed; the run will say OOM
-        est = estimate_peak_gib(mc, bits, seq_len, n, lora_r, fused_ce, seq_len=seq_len, fused_lora=fused_lora,
-                                dropout=dropout)
+        est = estimate_peak_gib(mc, bits, seq_len, n, lora_r, fused_ce, seq_len=seq_len, fused_lora=fused_lora)
         return 1, n, est, f"nothing fits {budget_gib:.1f} GiB by the estimate (needs {est:.1f}); trying the smallest"
     _, micro, k, est = best
     return micro, k, est, f"est. peak {est:.1f} GiB of {budget_gib:.1f}"

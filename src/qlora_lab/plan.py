@@ -212,15 +212,14 @@ def _choose_recomputation(cfg, model_config, cuda: bool, micro: int, accum: int,
             return (0, micro, accum, None), "gradient_checkpointing=off: CPU/tiny model, memory is not the limit"
         global_batch = micro * accum
         micro, k, est, why = fastest_fit(model_config, cfg.quant.bits, seq_len, global_batch, budget,
-                                         lora_r=cfg.lora.r, fused_ce=kernels == "liger", fused_lora=fused_lora,
-                                         dropout=cfg.lora.lora_dropout > 0)
+                                         lora_r=cfg.lora.r, fused_ce=kernels == "liger", fused_lora=fused_lora)
         accum = global_batch // micro
         return (k, micro, accum, est), (
             f"gradient_checkpointing={_recompute_words(k, n)}, micro-batch {micro} x {accum} accumulation "
             f"(global batch {global_batch} x {seq_len} tokens): {why}")
     k = n if requested else 0
     est = estimate_peak_gib(model_config, cfg.quant.bits, micro * seq_len, k, cfg.lora.r, kernels == "liger",
-                            seq_len=seq_len, fused_lora=fused_lora, dropout=cfg.lora.lora_dropout > 0) if cuda else None
+                            seq_len=seq_len, fused_lora=fused_lora) if cuda else None
     return (k, micro, accum, est), (f"gradient_checkpointing={'on' if requested else 'off'}: set in config; "
                                     f"micro-batch {micro} x {accum} accumulation as configured")
 

@@ -52,3 +52,10 @@ def test_fused_lora_is_as_accurate_as_peft_in_bf16_4bit_on_the_gpu(name):
     print(f"{name}: loss error peft {errors['loss'][0]:.2e} fused {errors['loss'][1]:.2e}; "
           f"worst gradient error peft {worst[0]:.2e} fused {worst[1]:.2e}")
     assert_fused_as_accurate_as_peft(errors)
+
+
+def test_fused_lora_dropout_mask_drawn_again_on_the_gpu():
+    """The backward rewinds CUDA's Philox generator and draws the forward's dropout mask again."""
+    from ..unit.kernels.test_fused_lora import check_dropout_by_hand
+
+    check_dropout_by_hand("cuda")

@@ -89,7 +89,7 @@ def test_auto_recomputation_on_a_gpu_takes_the_fastest_fit():
                                                           "train.gradient_checkpointing=auto"])
     mc = model_config("llama2-7b")
     (k, micro, accum, est), why = planner._choose_recomputation(cfg, mc, True, 8, 1, 15.0, "liger", False)
-    assert (micro, k, est) == fastest_fit(mc, 4, 512, 8, 15.0, lora_r=64, fused_ce=True, fused_lora=False, dropout=True)[:3]
+    assert (micro, k, est) == fastest_fit(mc, 4, 512, 8, 15.0, lora_r=64, fused_ce=True, fused_lora=False)[:3]
     assert 0 < k <= mc.num_hidden_layers and micro * accum == 8 and est <= 15.0
     assert why.startswith("gradient_checkpointing=") and f"micro-batch {micro} x {accum} accumulation" in why
 

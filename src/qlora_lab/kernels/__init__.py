@@ -3,7 +3,7 @@
 `fused_lora.py` runs each peft LoRA linear layer (4-bit or 16-bit base) as one autograd function:
 dequantize, base matmul, dropout, A, B, in a handful of kernels instead of a chain of modules
 (`enable` / `disable` / `count` / `eligible`, `LoRALinearFunction`); the plan turns it on with
-`fused_lora`. `bitmask.py` keeps its dropout masks 1 bit per element until the backward. `liger.py` wires Liger's
+`fused_lora`; it keeps no dropout mask (the backward draws it again). `liger.py` wires Liger's
 Triton kernels per architecture (Llama: RoPE, RMSNorm, SwiGLU, fused linear cross-entropy; Falcon: the
 fused loss and flash attention below): `supported` tells the plan whether they apply, `apply` patches a
 loaded model before LoRA is attached. `fused_loss.py`: the head and the loss fused for any causal LM.
@@ -11,9 +11,9 @@ loaded model before LoRA is attached. `fused_loss.py`: the head and the loss fus
 """
 from __future__ import annotations
 
-from . import bitmask, falcon_attention, fused_lora, fused_loss, liger
+from . import falcon_attention, fused_lora, fused_loss, liger
 from .fused_lora import LoRALinearFunction, count, disable, eligible, enable
 from .liger import apply, supported
 
-__all__ = ["bitmask", "falcon_attention", "fused_lora", "fused_loss", "liger", "LoRALinearFunction", "enable", "disable", "count", "eligible",
+__all__ = ["falcon_attention", "fused_lora", "fused_loss", "liger", "LoRALinearFunction", "enable", "disable", "count", "eligible",
            "apply", "supported"]

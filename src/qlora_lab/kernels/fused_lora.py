@@ -10,13 +10,15 @@ launches thousands of small kernels and the GPU waits on the host (assets/bench/
 
     y = x W^T + b + s * (dropout(x) A^T) B^T            (W dequantized from NF4 on the fly)
 
-forward:  dequantize W, y = x W^T (+ b), (x_d, mask) = native_dropout(x), x_a = x_d A^T, y += s x_a B^T
-backward: dequantize W again, g_a = s g B, dx = g W + mask/(1-p) * (g_a A),
-          dA = g_a^T x_d (x_d recomputed from x and the mask), dB = s g^T x_a
+forward:  dequantize W, y = x W^T (+ b), x_d = dropout(x), x_a = x_d A^T, y += s x_a B^T
+backward: dequantize W again, g_a = s g B, (x_d, mask) drawn again, dx = g W + mask/(1-p) * (g_a A),
+          dA = g_a^T x_d, dB = s g^T x_a
 
-It saves x, the dropout mask (1 bit per element: bitmask.py) and the small x_a (tokens x r). peft saves each
-layer's dropped-out input and its mask; q, k, v (and gate, up) share one input, which this saves once.
-Frozen base weights get no gradient; adapters get theirs in their own dtype (fp32 masters).
+It saves x, the small x_a (tokens x r) and the random generator's state from just before the forward's
+dropout; the backward rewinds the generator to it and draws the same mask again (bit for bit: the same
+generator, state and shape), so no mask is kept at all. peft saves each layer's dropped-out input and its
+1-byte mask; q, k, v (and gate, up) share one input, which this saves once. Frozen base weights get no
+gradient; adapters get theirs in their own dtype (fp32 masters).
 
 `enable(model)` swaps the forward of every eligible peft LoRA layer (one active adapter, no DoRA,
 no LoRA bias, base layer nn.Linear or bitsandbytes Linear4bit). The swapped forward falls back to
@@ -32,7 +34,6 @@ import types
 import torch
 
 from ..quant import is_4bit
-from . import bitmask
 
 _ATTR = "_qlora_lab_fused_lora"
 
@@ -45,9 +46,25 @@ def _dequantize(weight, quant_state, dtype):
     return bnbf.dequantize_4bit(weight, quant_state).to(dtype)
 
 
-def _dropout_backward(t, mask, scale: float):
-    """t * mask * scale in one kernel (aten's own dropout backward)."""
-    return torch.ops.aten.native_dropout_backward(t, mask, scale)
+def _rng_state(device):
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(state, device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+def _redraw_dropout(x2, p: float, state):
+    """(x_d, mask) exactly as the forward drew them: the generator rewound to `state`, then put back."""
+    now = _rng_state(x2.device)
+    _set_rng_state(state, x2.device)
+    try:
+        return torch.native_dropout(x2, p, True)
+    finally:
+        _set_rng_state(now, x2.device)
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -65,28 +82,28 @@ class LoRALinearFunction(torch.autograd.Function):
         else:
             torch.addmm(bias.to(dtype), x2, w.t(), out=y2)
         del w
+        ctx.rng = None
         if p > 0.0:
-            xd, mask = torch.native_dropout(x2, p, True)
-            ctx.mask_shape = mask.shape
-            mask = bitmask.pack(mask)  # kept 1 bit per element until the backward (bitmask.py)
+            ctx.rng = _rng_state(x2.device)  # the backward draws the same mask again from here
+            xd = torch.native_dropout(x2, p, True)[0]
         else:
-            xd, mask = x2, None
+            xd = x2
         a, b = lora_a.to(dtype), lora_b.to(dtype)
         xa = torch.mm(xd, a.t())
+        del xd
         y2.addmm_(xa, b.t(), alpha=scale)
-        ctx.save_for_backward(x2, mask, xa, weight, lora_a, lora_b)
+        ctx.save_for_backward(x2, xa, weight, lora_a, lora_b)
         ctx.quant_state, ctx.scale, ctx.p, ctx.dtype = quant_state, scale, p, dtype
         ctx.x_shape, ctx.x_dtype = shape, x.dtype
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x2, mask, xa, weight, lora_a, lora_b = ctx.saved_tensors
+        x2, xa, weight, lora_a, lora_b = ctx.saved_tensors
         dtype, scale, p = ctx.dtype, ctx.scale, ctx.p
         g = grad.reshape(-1, grad.shape[-1]).to(dtype)
         a, b = lora_a.to(dtype), lora_b.to(dtype)
-        if mask is not None:
-            mask = bitmask.unpack(mask, ctx.mask_shape)
+        xd, mask = _redraw_dropout(x2, p, ctx.rng) if ctx.rng is not None else (x2, None)
         ga = torch.mm(g, b).mul_(scale)                           # d loss / d x_a
         dx = None
         if ctx.needs_input_grad[0]:
@@ -96,11 +113,10 @@ class LoRALinearFunction(torch.autograd.Function):
             if mask is None:
                 dx.addmm_(ga, a)
             else:
-                dx.add_(_dropout_backward(torch.mm(ga, a), mask, 1.0 / (1.0 - p)))
+                dx.addcmul_(torch.mm(ga, a), mask, value=1.0 / (1.0 - p))
             dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
         da = db = None
         if ctx.needs_input_grad[4]:
-            xd = x2 if mask is None else _dropout_backward(x2, mask, 1.0 / (1.0 - p))
             da = torch.mm(ga.t(), xd)
         if ctx.needs_input_grad[5]:
             db = torch.mm(g.t(), xa).mul_(scale)

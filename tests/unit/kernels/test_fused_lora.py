@@ -103,24 +103,34 @@ def test_fused_is_as_accurate_as_peft_in_bf16_on_the_cpu(name):
     assert_fused_as_accurate_as_peft(bf16_errors(model, torch.randint(4, 200, (2, 32)), "cpu"))
 
 
-@pytest.mark.parametrize("k", [8, 7])  # 7: the packed mask (bitmask.py) ends in a padded byte
-def test_layer_with_dropout_matches_the_same_mask_by_hand(k):
-    """p > 0: the mask drawn in forward is the one used for dA and dx (same seed, same mask)."""
+def test_layer_with_dropout_matches_the_same_mask_by_hand():
+    check_dropout_by_hand("cpu")
+
+
+def check_dropout_by_hand(device: str) -> None:
+    """p > 0: the backward draws again the mask the forward drew (same seed, same mask), even when
+    other random numbers were drawn in between, and leaves the generator where it found it.
+    On "cuda" this is the Philox generator's state (test_gpu), on "cpu" the Mersenne Twister's."""
+    def rng_state():
+        return torch.cuda.get_rng_state() if device == "cuda" else torch.get_rng_state()
+
     torch.manual_seed(1)
-    x = torch.randn(3, 5, k, requires_grad=True)
-    w = torch.randn(6, k)
-    a = torch.randn(4, k, requires_grad=True)
-    b = torch.randn(6, 4, requires_grad=True)
+    x = torch.randn(3, 5, 8, device=device, requires_grad=True)
+    w = torch.randn(6, 8, device=device)
+    a = torch.randn(4, 8, device=device, requires_grad=True)
+    b = torch.randn(6, 4, device=device, requires_grad=True)
     p, s = 0.3, 0.5
     torch.manual_seed(7)
     y = fused_lora.LoRALinearFunction.apply(x, w, None, None, a, b, s, p, torch.float32)
-    g = torch.randn_like(y)
+    g = torch.randn_like(y)  # draws from the generator between forward and backward, as later layers do
+    before = rng_state()
     y.backward(g)
+    assert torch.equal(rng_state(), before)
     got = (y.detach(), x.grad.clone(), a.grad.clone(), b.grad.clone())
     for t in (x, a, b):
         t.grad = None
     torch.manual_seed(7)
-    xd, _ = torch.native_dropout(x.reshape(-1, k), p, True)
+    xd, _ = torch.native_dropout(x.reshape(-1, 8), p, True)
     ref = (x @ w.t() + s * (xd.view_as(x) @ a.t()) @ b.t())
     ref.backward(g)
     torch.testing.assert_close(got[0], ref.detach())
@@ -130,8 +140,8 @@ def test_layer_with_dropout_matches_the_same_mask_by_hand(k):
     assert not torch.allclose(got[0], x.detach() @ w.t() + s * (x.detach() @ a.detach().t()) @ b.detach().t())
 
 
-def test_dropout_mask_is_kept_in_one_bit_per_element():
-    """What the layer saves for the backward: x, the packed mask (numel/8 bytes), x_a and the weights."""
+def test_no_dropout_mask_is_kept_for_the_backward():
+    """What the layer saves: x, x_a and the weights; no mask (bool or packed), no dropped-out copy of x."""
     x = torch.randn(64, 128, requires_grad=True)
     w, a, b = torch.randn(96, 128), torch.randn(4, 128, requires_grad=True), torch.randn(96, 4, requires_grad=True)
     saved = []
@@ -142,22 +152,36 @@ def test_dropout_mask_is_kept_in_one_bit_per_element():
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
         y = fused_lora.LoRALinearFunction.apply(x, w, None, None, a, b, 1.0, 0.1, torch.float32)
-    masks = [t for t in saved if t.dtype in (torch.uint8, torch.bool)]
-    assert len(masks) == 1 and masks[0].dtype == torch.uint8 and masks[0].numel() == 64 * 128 // 8
-    y.sum().backward()  # and the backward unpacks it
+    assert sorted(t.numel() for t in saved) == sorted([x.numel(), 64 * 4, w.numel(), a.numel(), b.numel()])
+    assert not [t for t in saved if t.dtype in (torch.uint8, torch.bool)]
+    y.sum().backward()
     assert a.grad is not None and torch.isfinite(x.grad).all()
 
 
-@pytest.mark.parametrize("shape", [(8,), (3, 5, 7), (4096, 11), (1,)])
-def test_bitmask_round_trip(shape):
-    from qlora_lab.kernels import bitmask
-
+@pytest.mark.parametrize("name", ["tiny_llama_qlora", "tiny_falcon_qlora"])
+def test_dropout_with_recomputation_trains_the_same_as_without(name):
+    """Recomputed layers run the forward again (its dropout too) before the backward draws the mask a
+    third time: loss and every adapter gradient equal the no-recomputation step's, with dropout on."""
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # the same LoRA A init in both models
+        model = _model(name, "lora.lora_dropout=0.2", checkpointing=checkpointing)
+        model.train()
+        assert fused_lora.enable(model) > 0
+        torch.manual_seed(3)
+        results.append(_loss_and_grads(model, torch.randint(4, 200, (2, 16))))
+    (loss0, g0), (loss1, g1) = results
+    torch.testing.assert_close(loss1, loss0)
+    assert g0.keys() == g1.keys()
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-5, atol=1e-7, msg=k)
     torch.manual_seed(0)
-    for p in (0.0, 0.05, 0.5, 1.0):
-        mask = torch.rand(shape) >= p
-        packed = bitmask.pack(mask)
-        assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
-        assert torch.equal(bitmask.unpack(packed, mask.shape), mask)
+    model = _model(name, "lora.lora_dropout=0.0")  # and dropout did change the step
+    model.train()
+    fused_lora.enable(model)
+    torch.manual_seed(3)
+    loss_p0, _ = _loss_and_grads(model, torch.randint(4, 200, (2, 16)))
+    assert not torch.allclose(loss_p0, loss0)
 
 
 def test_fp32_adapters_get_fp32_gradients_under_bf16_compute():
