@@ -67,11 +67,15 @@ def _redraw_dropout(x2, p: float, state):
         _set_rng_state(now, x2.device)
 
 
+def _as(t, dtype):
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, quant_state, bias, lora_a, lora_b, scale: float, p: float, dtype):
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(dtype)
+        x2 = _as(x.reshape(-1, shape[-1]), dtype)
         w = _dequantize(weight, quant_state, dtype)
         # The output is allocated in x's shape and written through a 2-D view: returning a view would
         # forbid the in-place adds that models do on it (Falcon's mlp_output += attention_output).
@@ -80,7 +84,7 @@ class LoRALinearFunction(torch.autograd.Function):
         if bias is None:
             torch.mm(x2, w.t(), out=y2)
         else:
-            torch.addmm(bias.to(dtype), x2, w.t(), out=y2)
+            torch.addmm(_as(bias, dtype), x2, w.t(), out=y2)
         del w
         ctx.rng = None
         if p > 0.0:
@@ -88,23 +92,25 @@ class LoRALinearFunction(torch.autograd.Function):
             xd = torch.native_dropout(x2, p, True)[0]
         else:
             xd = x2
-        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        # The adapters in the compute dtype, kept for the backward (r x (in + out) each: small) so that
+        # it does not cast them again.
+        a, b = _as(lora_a, dtype), _as(lora_b, dtype)
         xa = torch.mm(xd, a.t())
         del xd
         y2.addmm_(xa, b.t(), alpha=scale)
-        ctx.save_for_backward(x2, xa, weight, lora_a, lora_b)
+        ctx.save_for_backward(x2, xa, weight, a, b)
         ctx.quant_state, ctx.scale, ctx.p, ctx.dtype = quant_state, scale, p, dtype
         ctx.x_shape, ctx.x_dtype = shape, x.dtype
+        ctx.a_dtype, ctx.b_dtype = lora_a.dtype, lora_b.dtype
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x2, xa, weight, lora_a, lora_b = ctx.saved_tensors
+        x2, xa, weight, a, b = ctx.saved_tensors
         dtype, scale, p = ctx.dtype, ctx.scale, ctx.p
-        g = grad.reshape(-1, grad.shape[-1]).to(dtype)
-        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        g = _as(grad.reshape(-1, grad.shape[-1]), dtype)
         xd, mask = _redraw_dropout(x2, p, ctx.rng) if ctx.rng is not None else (x2, None)
-        ga = torch.mm(g, b).mul_(scale)                           # d loss / d x_a
+        ga = torch.addmm(xa, g, b, beta=0, alpha=scale)          # d loss / d x_a = s g B (xa: shape only)
         dx = None
         if ctx.needs_input_grad[0]:
             w = _dequantize(weight, ctx.quant_state, dtype)
@@ -113,13 +119,13 @@ class LoRALinearFunction(torch.autograd.Function):
             if mask is None:
                 dx.addmm_(ga, a)
             else:
-                dx.addcmul_(torch.mm(ga, a), mask, value=1.0 / (1.0 - p))
-            dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
+                dx.add_(torch.ops.aten.native_dropout_backward(torch.mm(ga, a), mask, 1.0 / (1.0 - p)))
+            dx = _as(dx.view(ctx.x_shape), ctx.x_dtype)
         da = db = None
         if ctx.needs_input_grad[4]:
-            da = torch.mm(ga.t(), xd)
+            da = _as(torch.mm(ga.t(), xd), ctx.a_dtype)
         if ctx.needs_input_grad[5]:
-            db = torch.mm(g.t(), xa).mul_(scale)
+            db = _as(torch.addmm(b, g.t(), xa, beta=0, alpha=scale), ctx.b_dtype)  # s g^T x_a (b: shape only)
         return dx, None, None, None, da, db, None, None, None
 
 
