@@ -100,6 +100,29 @@ def cli(capsys):
     return run
 
 
+@pytest.fixture
+def cli_fd(capfd, monkeypatch):
+    """`qlora-lab ARGS` through the CLI's main() in this process, for verbs whose own part needs no process
+    of its own (the parent of bench's workers or of a study's runs, the demo): output captured at the file
+    descriptors, so what their child processes print is in it too, and sys.argv as the console entry sets
+    it. Returns a CompletedProcess as run_cli does."""
+
+    def run(*args):
+        from qlora_lab.cli import main
+
+        argv = [str(a) for a in args]
+        monkeypatch.setattr(sys, "argv", ["qlora-lab", *argv])
+        capfd.readouterr()
+        try:
+            rc = main(argv)
+        except SystemExit as e:
+            rc = e.code
+        out, err = capfd.readouterr()
+        return subprocess.CompletedProcess(argv, rc, out, err)
+
+    return run
+
+
 def run_cli(*args, cwd=ROOT, env=None, timeout=600):
     """Run the real `qlora-lab` console entry in a subprocess; returns CompletedProcess."""
     e = dict(os.environ)
