@@ -1,4 +1,5 @@
-"""`qlora-lab demo` end to end, as a user runs it after `pip install -e .`: CPU, no network."""
+"""`qlora-lab demo` end to end, as a user runs it after `pip install -e .`: CPU, no network. Through the CLI's
+main() in this process (the demo trains and answers in one process; nothing in it depends on being the first)."""
 from __future__ import annotations
 
 import json
@@ -8,14 +9,13 @@ import pytest
 
 from qlora_lab import demo
 
-from .conftest import run_cli
-
 
 @pytest.mark.slow
-def test_demo_learns_and_writes_everything(tmp_path):
+def test_demo_learns_and_writes_everything(tmp_path, cli_fd, monkeypatch):
     out = tmp_path / "demo"
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)  # --no-progress sets it: put back after the test
     t0 = time.perf_counter()
-    r = run_cli("demo", "-o", out, "--no-progress", timeout=600)
+    r = cli_fd("demo", "-o", out, "--no-progress")
     seconds = time.perf_counter() - t0
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert seconds < 300, f"demo took {seconds:.0f} s (budget: 5 minutes on 2 CPU cores)"
