@@ -1,5 +1,7 @@
-"""The training recipe end to end through the real CLI, on tiny random-weight Llama and Falcon: the 24-step run
-and the wandb run in a child process, as a user runs them; resume and refusals through the CLI's main()."""
+"""The training recipe end to end through the real CLI, on tiny random-weight Llama and Falcon: the wandb run in a
+child process, as a user runs it (wandb's environment stays out of this one); the 24-step run, resume and
+refusals through the CLI's main(). A run's console in a child process: test_cli_runs.py; a run killed in one
+and resumed: test_reliability.py."""
 from __future__ import annotations
 
 import os
@@ -18,9 +20,8 @@ RUN_FILES = ["config.yaml", "metrics.jsonl", "model_summary.json", "env.json", "
 
 def _train(tmp_path, name, *sets, steps=24):
     out = tmp_path / name
-    r = run_cli("train", CONFIGS / f"{name}.yaml", "--output-dir", out, "--set", f"train.max_steps={steps}",
-                "--set", "train.save_steps=8", "--set", "train.eval_steps=8", *sum((["--set", s] for s in sets), []))
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert main(["train", str(CONFIGS / f"{name}.yaml"), "--output-dir", str(out), "--set", f"train.max_steps={steps}",
+                 "--set", "train.save_steps=8", "--set", "train.eval_steps=8", *sum((["--set", s] for s in sets), [])]) == 0
     return RunFolder(out)
 
 
