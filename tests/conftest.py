@@ -131,6 +131,38 @@ def run_cli(*args, cwd=ROOT, env=None, timeout=600):
                           capture_output=True, text=True, timeout=timeout)
 
 
+class StartedCli:
+    """`qlora-lab ARGS` started in a child process by start_cli; result() waits for it."""
+
+    def __init__(self, args, cwd=ROOT, env=None, timeout=600):
+        import threading
+
+        e = dict(os.environ)
+        e.update(env or {})
+        self.argv, self.timeout, self._out = [sys.executable, "-m", "qlora_lab.cli", *map(str, args)], timeout, None
+        self.proc = subprocess.Popen(self.argv, cwd=cwd, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)  # keeps the pipes drained
+        self._reader.start()
+
+    def _read(self):
+        self._out = self.proc.communicate()
+
+    def result(self) -> subprocess.CompletedProcess:
+        self._reader.join(self.timeout)
+        if self._reader.is_alive():
+            self.proc.kill()
+            self._reader.join()
+            raise subprocess.TimeoutExpired(self.argv, self.timeout)
+        return subprocess.CompletedProcess(self.argv, self.proc.returncode, *self._out)
+
+
+def start_cli(*args, cwd=ROOT, env=None, timeout=600) -> StartedCli:
+    """run_cli without waiting: independent children started together overlap (on 2 cores, most of a child's
+    time is its single-threaded imports)."""
+    return StartedCli(args, cwd=cwd, env=env, timeout=timeout)
+
+
 # ----------------------------------------------------------------------------- shared tiny runs
 # Trained once per session, in this process, and shared by the tests that only read them (merge, GGUF
 # export, generate, fused LoRA, the run-folder checks of other models). Read-only: a test that changes
