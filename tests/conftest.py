@@ -59,6 +59,10 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    # The tests of background runs (below) last: their runs go on while every other test runs.
+    late = [item for item in items if _BACKGROUND.keys() & set(getattr(item, "fixturenames", ()))]
+    if late:
+        items[:] = [item for item in items if item not in late] + late
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
@@ -123,9 +127,10 @@ def cli_fd(capfd, monkeypatch):
     return run
 
 
-def run_cli(*args, cwd=ROOT, env=None, timeout=600):
-    """Run the real `qlora-lab` console entry in a subprocess; returns CompletedProcess."""
-    e = dict(os.environ)
+def run_cli(*args, cwd=ROOT, env=None, timeout=600, base_env=None):
+    """Run the real `qlora-lab` console entry in a subprocess; returns CompletedProcess. Its environment:
+    base_env (default: this process's) updated with env."""
+    e = dict(os.environ if base_env is None else base_env)
     e.update(env or {})
     return subprocess.run([sys.executable, "-m", "qlora_lab.cli", *map(str, args)], cwd=cwd, env=e,
                           capture_output=True, text=True, timeout=timeout)
@@ -161,6 +166,65 @@ def start_cli(*args, cwd=ROOT, env=None, timeout=600) -> StartedCli:
     """run_cli without waiting: independent children started together overlap (on 2 cores, most of a child's
     time is its single-threaded imports)."""
     return StartedCli(args, cwd=cwd, env=env, timeout=timeout)
+
+
+# ----------------------------------------------------------------------------- runs in the background
+# The longest end-to-end runs are chains of child processes whose tests only read what they leave (bench,
+# the offline study, the secrets run). Each is defined with @background as a session fixture. When a test
+# that uses one is selected, its run starts with the session in a background lane, one run at a time, beside
+# the other tests; the tests that use these fixtures run last (pytest_collection_modifyitems), by which
+# time most of them are done. On 2 cores most of such a run is its processes' single-threaded start
+# (importing torch, transformers, peft: ~7 s a process), which then overlaps the other tests. A run's
+# processes get the environment of the session's start (`env`), never a test's monkeypatched one, and
+# start in the repo root.
+
+_BACKGROUND: dict = {}  # fixture name -> fn(tmp: Path, env: dict) -> what the fixture returns
+
+
+def background(fn):
+    """Decorator: fn(tmp, env) becomes a session fixture of the same name whose run goes in the background
+    lane; the fixture waits for it and returns (or raises) what fn did."""
+    _BACKGROUND[fn.__name__] = fn
+
+    @pytest.fixture(scope="session", name=fn.__name__)
+    def fixture(_background_lane):
+        return _background_lane.result(fn.__name__)
+
+    fixture.__doc__ = fn.__doc__
+    return fixture
+
+
+class _Lane:
+    """The background runs, in one thread, one after another."""
+
+    def __init__(self, names, tmp_path_factory, env):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="background-run")
+        self._tmp, self._env, self._futures = tmp_path_factory, env, {}
+        for name in names:
+            self._submit(name)
+
+    def _submit(self, name):
+        tmp = self._tmp.mktemp(name)  # here, not in the lane: tmp_path_factory is not thread-safe
+        self._futures[name] = self._pool.submit(_BACKGROUND[name], tmp, dict(self._env))
+
+    def result(self, name):
+        if name not in self._futures:  # asked for without a test that uses it (getfixturevalue): start now
+            self._submit(name)
+        return self._futures[name].result()
+
+    def close(self):
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _background_lane(request, tmp_path_factory, _model_cache):
+    items = request.session.items
+    names = [n for n in _BACKGROUND if any(n in getattr(item, "fixturenames", ()) for item in items)]
+    lane = _Lane(names, tmp_path_factory, dict(os.environ))
+    yield lane
+    lane.close()
 
 
 # ----------------------------------------------------------------------------- shared tiny runs

@@ -9,7 +9,7 @@ import pytest
 
 from qlora_lab.runs import RunFolder
 
-from .conftest import CONFIGS, ROOT
+from .conftest import CONFIGS, ROOT, background, run_cli
 
 SETS = ["train.max_steps=4", "train.gradient_accumulation_steps=2", "train.per_device_train_batch_size=4",
         "data.eval_size=0", "train.save_steps=100"]
@@ -41,16 +41,22 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, name):
     assert (two / "adapter" / "adapter_model.safetensors").is_file()
 
 
+@background
+def bench_dp(tmp, env):
+    """(JSON path, CompletedProcess) of `bench --multi-gpu dp:2` on the tiny Llama, in the background lane
+    (conftest.py)."""
+    out = tmp / "b.json"
+    return out, run_cli("bench", "--preset", "tiny-llama", "--seq-len", "32", "--batch-size", "2", "4", "--steps",
+                        "3", "--multi-gpu", "dp:2", "--output", out, env={"OMP_NUM_THREADS": "1"}, timeout=900,
+                        base_env=env)
+
+
 @pytest.mark.slow
-def test_bench_data_parallel_rows_compare_with_one_process(tmp_path, cli_fd, monkeypatch):
-    """`bench --multi-gpu dp:2` (gloo here): rank 0 reports, global tokens, losses = one process's. The parent
-    through main() in this process; its workers (one process, torchrun's two) inherit its environment."""
+def test_bench_data_parallel_rows_compare_with_one_process(bench_dp):
+    """`bench --multi-gpu dp:2` (gloo here): rank 0 reports, global tokens, losses = one process's."""
     import json
 
-    out = tmp_path / "b.json"
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    r = cli_fd("bench", "--preset", "tiny-llama", "--seq-len", "32", "--batch-size", "2", "4", "--steps", "3",
-               "--multi-gpu", "dp:2", "--output", out)
+    out, r = bench_dp
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads(out.read_text())
     rows = {(x["path"], x["batch_size"]): x for x in rep["rows"]}
