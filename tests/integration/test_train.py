@@ -12,7 +12,7 @@ import torch
 from qlora_lab.cli import main
 from qlora_lab.runs import RunFolder
 
-from .conftest import CONFIGS, start_cli
+from .conftest import CONFIGS, run_cli
 
 RUN_FILES = ["config.yaml", "metrics.jsonl", "model_summary.json", "env.json", "train_summary.json",
              "plan.json", "status.json", "adapter/adapter_model.safetensors", "adapter/adapter_config.json"]
@@ -140,24 +140,12 @@ def test_plan_is_logged_and_cpu_choices(llama_qlora):
     assert plan["reasons"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def wandb_child(tmp_path_factory):
-    """(run folder, its StartedCli): the wandb run of test_wandb_offline_without_key, started with this module
-    so that it runs beside the in-process runs of the tests before it."""
-    d = tmp_path_factory.mktemp("wandb")
-    out = d / "w"
-    env = {"WANDB_API_KEY": "", "WANDB_MODE": "", "NETRC": str(d / "none")}
-    child = start_cli("train", CONFIGS / "tiny_llama_qlora.yaml", "--output-dir", out, "--set", "train.max_steps=2",
-                      "--set", "logging.report_to=wandb", env=env)
-    yield out, child
-    child.proc.kill()  # when its test did not run (-k)
-    child.result()
-
-
-def test_wandb_offline_without_key(wandb_child):
+def test_wandb_offline_without_key(tmp_path, monkeypatch):
     """report_to: wandb with no API key runs offline, says so, and still writes metrics.jsonl."""
-    out, child = wandb_child
-    r = child.result()
+    out = tmp_path / "w"
+    env = {"WANDB_API_KEY": "", "WANDB_MODE": "", "NETRC": str(tmp_path / "none")}
+    r = run_cli("train", CONFIGS / "tiny_llama_qlora.yaml", "--output-dir", out, "--set", "train.max_steps=2",
+                "--set", "logging.report_to=wandb", env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "wandb runs offline" in r.stderr
     assert (out / "wandb").is_dir()
