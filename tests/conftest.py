@@ -18,6 +18,13 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One intra-op thread in every test process (set before torch loads; the processes the tests start inherit
+# it). The tests run processes side by side (the background lane below, a test's independent children), on
+# a machine that may be busy: a process with two OpenMP threads on 2 shared cores waits for a descheduled
+# one at every op, and the tiny models' runs slowed down up to 30x (measured: test_train with
+# test_distributed and their background runs, 53 s with one thread, 136 s with two). Alone, one thread
+# trains the tiny Llama ~1.4x slower than two, to the same losses.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Every test process, this one and those it starts, runs bitsandbytes as on a CPU with AVX512-BF16
 # (tests/support/sitecustomize.py says why): the 4-bit CPU path is the same on every machine.
@@ -99,29 +106,6 @@ def cli(capsys):
         except SystemExit as e:  # argparse: --help, bad arguments
             rc = e.code
         out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(argv, rc, out, err)
-
-    return run
-
-
-@pytest.fixture
-def cli_fd(capfd, monkeypatch):
-    """`qlora-lab ARGS` through the CLI's main() in this process, for verbs whose own part needs no process
-    of its own (the parent of bench's workers or of a study's runs, the demo): output captured at the file
-    descriptors, so what their child processes print is in it too, and sys.argv as the console entry sets
-    it. Returns a CompletedProcess as run_cli does."""
-
-    def run(*args):
-        from qlora_lab.cli import main
-
-        argv = [str(a) for a in args]
-        monkeypatch.setattr(sys, "argv", ["qlora-lab", *argv])
-        capfd.readouterr()
-        try:
-            rc = main(argv)
-        except SystemExit as e:
-            rc = e.code
-        out, err = capfd.readouterr()
         return subprocess.CompletedProcess(argv, rc, out, err)
 
     return run
