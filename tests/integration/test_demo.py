@@ -1,5 +1,4 @@
-"""`qlora-lab demo` end to end, as a user runs it after `pip install -e .`: CPU, no network. Through the CLI's
-main() in this process (the demo trains and answers in one process; nothing in it depends on being the first)."""
+"""`qlora-lab demo` end to end, as a user runs it after `pip install -e .`: CPU, no network."""
 from __future__ import annotations
 
 import json
@@ -9,14 +8,22 @@ import pytest
 
 from qlora_lab import demo
 
+from .conftest import background, run_cli
+
+
+@background
+def demo_run(tmp, env):
+    """(output folder, CompletedProcess, seconds) of `qlora-lab demo` in a child process, in the background
+    lane (conftest.py)."""
+    out = tmp / "demo"
+    t0 = time.perf_counter()
+    r = run_cli("demo", "-o", out, "--no-progress", timeout=600, base_env=env)
+    return out, r, time.perf_counter() - t0
+
 
 @pytest.mark.slow
-def test_demo_learns_and_writes_everything(tmp_path, cli_fd, monkeypatch):
-    out = tmp_path / "demo"
-    monkeypatch.delenv("TQDM_DISABLE", raising=False)  # --no-progress sets it: put back after the test
-    t0 = time.perf_counter()
-    r = cli_fd("demo", "-o", out, "--no-progress")
-    seconds = time.perf_counter() - t0
+def test_demo_learns_and_writes_everything(demo_run):
+    out, r, seconds = demo_run
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert seconds < 300, f"demo took {seconds:.0f} s (budget: 5 minutes on 2 CPU cores)"
     for name in ("loss.png", "loss.svg", "table.md", "table.html", "summary.json", "generations.jsonl"):

@@ -1,7 +1,6 @@
 """Data-parallel training through torchrun (gloo on the CPU): the same losses as one process."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -11,6 +10,7 @@ from qlora_lab.runs import RunFolder
 
 from .conftest import CONFIGS, ROOT, background, run_cli
 
+NAME = "tiny_llama_qlora"
 SETS = ["train.max_steps=4", "train.gradient_accumulation_steps=2", "train.per_device_train_batch_size=4",
         "data.eval_size=0", "train.save_steps=100"]
 
@@ -19,18 +19,25 @@ def _sets():
     return sum((["--set", s] for s in SETS), [])
 
 
+@background
+def torchrun_two(tmp, env):
+    """(run folder, CompletedProcess): NAME trained by torchrun over 2 processes, in the background lane
+    (conftest.py)."""
+    two = tmp / "two"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+                        "-m", "qlora_lab.cli", "train", str(CONFIGS / f"{NAME}.yaml"), "--output-dir",
+                        str(two), *_sets()], cwd=ROOT, env=dict(env, OMP_NUM_THREADS="1"), capture_output=True,
+                       text=True, timeout=600)
+    return two, p
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["tiny_llama_qlora"])
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path, name):
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, torchrun_two):
     from qlora_lab.cli import main
 
     one = tmp_path / "one"  # one process: this one
-    assert main(["train", str(CONFIGS / f"{name}.yaml"), "--output-dir", str(one), *_sets()]) == 0
-    two = tmp_path / "two"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
-                        "-m", "qlora_lab.cli", "train", str(CONFIGS / f"{name}.yaml"), "--output-dir", str(two),
-                        *_sets()], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert main(["train", str(CONFIGS / f"{NAME}.yaml"), "--output-dir", str(one), *_sets()]) == 0
+    two, p = torchrun_two
     assert p.returncode == 0, p.stderr[-3000:]
     assert "over 2 processes" in p.stderr
     a, b = RunFolder(one).metrics(), RunFolder(two).metrics()
