@@ -153,14 +153,14 @@ def start_cli(*args, cwd=ROOT, env=None, timeout=600) -> StartedCli:
 
 
 # ----------------------------------------------------------------------------- runs in the background
-# The longest end-to-end runs are chains of child processes whose tests only read what they leave (bench,
-# the offline study, the secrets run). Each is defined with @background as a session fixture. When a test
-# that uses one is selected, its run starts with the session in a background lane, one run at a time, beside
-# the other tests; the tests that use these fixtures run last (pytest_collection_modifyitems), by which
-# time most of them are done. On 2 cores most of such a run is its processes' single-threaded start
-# (importing torch, transformers, peft: ~7 s a process), which then overlaps the other tests. A run's
-# processes get the environment of the session's start (`env`), never a test's monkeypatched one, and
-# start in the repo root.
+# The longest end-to-end runs are child processes whose tests only read what they leave (bench's two, the
+# demo, the offline study, the torchrun run, the secrets run, the wandb run). Each is defined next to its
+# test with @background, as a session fixture. When a test that uses one is selected, its run starts with
+# the session in a background lane, one run at a time, beside the other tests; the tests that use these
+# fixtures run last (pytest_collection_modifyitems). Much of such a run is its processes' single-threaded
+# start (importing torch, transformers, peft: ~7 s a process), which then overlaps the in-process tests
+# (whole suite on 2 cores: 6:12 before the lane and the other changes of that branch, 3:45 after). A run's
+# processes get the environment of the session's start (`env`), never a test's monkeypatched one.
 
 _BACKGROUND: dict = {}  # fixture name -> fn(tmp: Path, env: dict) -> what the fixture returns
 
