@@ -18,6 +18,13 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One intra-op thread in every test process (set before torch loads; the processes the tests start inherit
+# it). The tests run processes side by side (the background lane below, a test's independent children), on
+# a machine that may be busy: a process with two OpenMP threads on 2 shared cores waits for a descheduled
+# one at every op, and the tiny models' runs slowed down up to 30x (measured: test_train with
+# test_distributed and their background runs, 53 s with one thread, 136 s with two). Alone, one thread
+# trains the tiny Llama ~1.4x slower than two, to the same losses.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Every test process, this one and those it starts, runs bitsandbytes as on a CPU with AVX512-BF16
 # (tests/support/sitecustomize.py says why): the 4-bit CPU path is the same on every machine.
@@ -59,6 +66,10 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    # The tests of background runs (below) last: their runs go on while every other test runs.
+    late = [item for item in items if _BACKGROUND.keys() & set(getattr(item, "fixturenames", ()))]
+    if late:
+        items[:] = [item for item in items if item not in late] + late
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
@@ -100,12 +111,104 @@ def cli(capsys):
     return run
 
 
-def run_cli(*args, cwd=ROOT, env=None, timeout=600):
-    """Run the real `qlora-lab` console entry in a subprocess; returns CompletedProcess."""
-    e = dict(os.environ)
+def run_cli(*args, cwd=ROOT, env=None, timeout=600, base_env=None):
+    """Run the real `qlora-lab` console entry in a subprocess; returns CompletedProcess. Its environment:
+    base_env (default: this process's) updated with env."""
+    e = dict(os.environ if base_env is None else base_env)
     e.update(env or {})
     return subprocess.run([sys.executable, "-m", "qlora_lab.cli", *map(str, args)], cwd=cwd, env=e,
                           capture_output=True, text=True, timeout=timeout)
+
+
+class StartedCli:
+    """`qlora-lab ARGS` started in a child process by start_cli; result() waits for it."""
+
+    def __init__(self, args, cwd=ROOT, env=None, timeout=600):
+        import threading
+
+        e = dict(os.environ)
+        e.update(env or {})
+        self.argv, self.timeout, self._out = [sys.executable, "-m", "qlora_lab.cli", *map(str, args)], timeout, None
+        self.proc = subprocess.Popen(self.argv, cwd=cwd, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)  # keeps the pipes drained
+        self._reader.start()
+
+    def _read(self):
+        self._out = self.proc.communicate()
+
+    def result(self) -> subprocess.CompletedProcess:
+        self._reader.join(self.timeout)
+        if self._reader.is_alive():
+            self.proc.kill()
+            self._reader.join()
+            raise subprocess.TimeoutExpired(self.argv, self.timeout)
+        return subprocess.CompletedProcess(self.argv, self.proc.returncode, *self._out)
+
+
+def start_cli(*args, cwd=ROOT, env=None, timeout=600) -> StartedCli:
+    """run_cli without waiting: independent children started together overlap (on 2 cores, most of a child's
+    time is its single-threaded imports)."""
+    return StartedCli(args, cwd=cwd, env=env, timeout=timeout)
+
+
+# ----------------------------------------------------------------------------- runs in the background
+# The longest end-to-end runs are child processes whose tests only read what they leave (bench's two, the
+# demo, the offline study, the torchrun run, the secrets run, the wandb run). Each is defined next to its
+# test with @background, as a session fixture. When a test that uses one is selected, its run starts with
+# the session in a background lane, one run at a time, beside the other tests; the tests that use these
+# fixtures run last (pytest_collection_modifyitems). Much of such a run is its processes' single-threaded
+# start (importing torch, transformers, peft: ~7 s a process), which then overlaps the in-process tests
+# (whole suite on 2 cores: 6:12 before the lane and the other changes of that branch, 3:45 after). A run's
+# processes get the environment of the session's start (`env`), never a test's monkeypatched one.
+
+_BACKGROUND: dict = {}  # fixture name -> fn(tmp: Path, env: dict) -> what the fixture returns
+
+
+def background(fn):
+    """Decorator: fn(tmp, env) becomes a session fixture of the same name whose run goes in the background
+    lane; the fixture waits for it and returns (or raises) what fn did."""
+    _BACKGROUND[fn.__name__] = fn
+
+    @pytest.fixture(scope="session", name=fn.__name__)
+    def fixture(_background_lane):
+        return _background_lane.result(fn.__name__)
+
+    fixture.__doc__ = fn.__doc__
+    return fixture
+
+
+class _Lane:
+    """The background runs, in one thread, one after another."""
+
+    def __init__(self, names, tmp_path_factory, env):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="background-run")
+        self._tmp, self._env, self._futures = tmp_path_factory, env, {}
+        for name in names:
+            self._submit(name)
+
+    def _submit(self, name):
+        tmp = self._tmp.mktemp(name)  # here, not in the lane: tmp_path_factory is not thread-safe
+        self._futures[name] = self._pool.submit(_BACKGROUND[name], tmp, dict(self._env))
+
+    def result(self, name):
+        if name not in self._futures:  # asked for without a test that uses it (getfixturevalue): start now
+            self._submit(name)
+        return self._futures[name].result()
+
+    def close(self):
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _background_lane(request, tmp_path_factory, _model_cache):
+    items = request.session.items
+    names = [n for n in _BACKGROUND if any(n in getattr(item, "fixturenames", ()) for item in items)]
+    lane = _Lane(names, tmp_path_factory, dict(os.environ))
+    yield lane
+    lane.close()
 
 
 # ----------------------------------------------------------------------------- shared tiny runs

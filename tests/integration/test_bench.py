@@ -11,13 +11,21 @@ import torch
 from qlora_lab.bench import LOSS_TOLERANCE, Shape, synthetic_examples
 from qlora_lab.kernels import fused_loss, liger
 
-from .conftest import run_cli
+from .conftest import background, run_cli
 
 
-def test_bench_cli_tiny_presets_agree_with_baseline(tmp_path):
-    out = tmp_path / "bench.json"
-    r = run_cli("bench", "--preset", "tiny-llama", "tiny-falcon", "--seq-len", "32", "--batch-size", "2",
-                "--steps", "3", "--baseline", "--variant", "peft:train.fused_lora=false", "--output", out, timeout=900)
+@background
+def bench_tiny(tmp, env):
+    """(JSON path, CompletedProcess) of `qlora-lab bench` on both tiny presets, with the standard recipe and a
+    variant: five processes in a row, run in the background lane (conftest.py)."""
+    out = tmp / "bench.json"
+    return out, run_cli("bench", "--preset", "tiny-llama", "tiny-falcon", "--seq-len", "32", "--batch-size", "2",
+                        "--steps", "3", "--baseline", "--variant", "peft:train.fused_lora=false", "--output", out,
+                        timeout=900, base_env=env)
+
+
+def test_bench_cli_tiny_presets_agree_with_baseline(bench_tiny):
+    out, r = bench_tiny
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads(out.read_text())
     assert out.with_suffix(".md").is_file() and "| tiny-llama | 2x32 | ours |" in r.stdout

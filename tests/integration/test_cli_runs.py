@@ -1,5 +1,6 @@
 """Verbs in a child process, as a user runs them, stderr a pipe (not a terminal): what the console shows of
-`train`, and `generate` and `compare` on the shared tiny LoRA run (conftest.py's lora_run)."""
+`train`, and `generate` and `compare` on the shared tiny LoRA run (conftest.py's lora_run). The three
+children are independent and started together (`children`), each test checking one."""
 from __future__ import annotations
 
 import json
@@ -7,22 +8,38 @@ import re
 
 import pytest
 
-from .conftest import CONFIGS, run_cli
+from .conftest import CONFIGS, start_cli
 
 
 @pytest.fixture(scope="module")
-def tiny_run(lora_run):
-    return lora_run
+def children(lora_run, tmp_path_factory):
+    """{name: (folder it writes in, its StartedCli)}, all three started at once."""
+    d = {name: tmp_path_factory.mktemp(name) for name in ("generate", "compare", "train")}
+    started = {
+        "generate": (d["generate"], start_cli(
+            "generate", lora_run, "--base", "--prompts", "lima_examples", "-o", d["generate"] / "g.jsonl",
+            "--set", "generation.max_new_tokens=8", "--set", "generation.batch_size=4", "--no-progress")),
+        "compare": (d["compare"], start_cli(
+            "compare", lora_run, "--prompts", "oasst1_levels", "-o", d["compare"] / "cmp",
+            "--set", "generation.max_new_tokens=4")),
+        "train": (d["train"], start_cli(
+            "train", CONFIGS / "tiny_llama_qlora.yaml", "--output-dir", d["train"] / "run", "--set",
+            "train.max_steps=3", "--set", "data.eval_size=0", "--set", "lora.target_modules=[q_proj,v_proj,lm_head]")),
+    }
+    yield started
+    for _, child in started.values():  # a child whose test did not run (-k) does not outlive the session
+        child.proc.kill()
+        child.result()
 
 
 def _rows(path):
     return [json.loads(l) for l in path.read_text().splitlines()]
 
 
-def test_generate_cli_base_and_run_with_study_defaults(tiny_run, tmp_path):
+def test_generate_cli_base_and_run_with_study_defaults(children):
+    tmp_path, child = children["generate"]
     out = tmp_path / "g.jsonl"
-    r = run_cli("generate", tiny_run, "--base", "--prompts", "lima_examples", "-o", out,
-                "--set", "generation.max_new_tokens=8", "--set", "generation.batch_size=4", "--no-progress")
+    r = child.result()
     assert r.returncode == 0, r.stderr
     assert r.stderr == ""  # library warnings (loading, peft, bitsandbytes) went to g.log, not the console
     rows = _rows(out)
@@ -35,9 +52,9 @@ def test_generate_cli_base_and_run_with_study_defaults(tiny_run, tmp_path):
     assert not list(tmp_path.glob(".*tmp"))
 
 
-def test_compare_cli_generates_base_and_runs(tiny_run, tmp_path):
-    r = run_cli("compare", tiny_run, "--prompts", "oasst1_levels", "-o", tmp_path / "cmp",
-                "--set", "generation.max_new_tokens=4")
+def test_compare_cli_generates_base_and_runs(children):
+    tmp_path, child = children["compare"]
+    r = child.result()
     assert r.returncode == 0, r.stderr
     assert r.stderr == ""  # stderr is a pipe: no progress bar fragments, no library warnings
     md = (tmp_path / "cmp" / "table.md").read_text()
@@ -47,13 +64,13 @@ def test_compare_cli_generates_base_and_runs(tiny_run, tmp_path):
     assert json.loads((tmp_path / "cmp" / "summary.json").read_text())["runs"]["tiny_llama_lora"]["method"] == "lora"
 
 
-def test_train_console_is_our_lines_only_and_library_warnings_are_in_train_log(tmp_path):
+def test_train_console_is_our_lines_only_and_library_warnings_are_in_train_log(children):
     """A real tiny run, stderr a pipe (not a terminal): no library warnings, no tqdm redraw codes, a plain
     line per tenth of the run, rounded losses; the warnings are in train.log. lm_head among the targets
     makes peft warn about save_embedding_layers; transformers warns about gradient_checkpointing."""
+    tmp_path, child = children["train"]
     run = tmp_path / "run"
-    r = run_cli("train", CONFIGS / "tiny_llama_qlora.yaml", "--output-dir", run, "--set", "train.max_steps=3",
-                "--set", "data.eval_size=0", "--set", "lora.target_modules=[q_proj,v_proj,lm_head]")
+    r = child.result()
     assert r.returncode == 0, r.stderr[-3000:]
     assert "\r" not in r.stderr and "\x1b" not in r.stderr, r.stderr[-2000:]
     lines = r.stderr.splitlines()

@@ -8,15 +8,22 @@ import pytest
 
 from qlora_lab import demo
 
-from .conftest import run_cli
+from .conftest import background, run_cli
+
+
+@background
+def demo_run(tmp, env):
+    """(output folder, CompletedProcess, seconds) of `qlora-lab demo` in a child process, in the background
+    lane (conftest.py)."""
+    out = tmp / "demo"
+    t0 = time.perf_counter()
+    r = run_cli("demo", "-o", out, "--no-progress", timeout=600, base_env=env)
+    return out, r, time.perf_counter() - t0
 
 
 @pytest.mark.slow
-def test_demo_learns_and_writes_everything(tmp_path):
-    out = tmp_path / "demo"
-    t0 = time.perf_counter()
-    r = run_cli("demo", "-o", out, "--no-progress", timeout=600)
-    seconds = time.perf_counter() - t0
+def test_demo_learns_and_writes_everything(demo_run):
+    out, r, seconds = demo_run
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert seconds < 300, f"demo took {seconds:.0f} s (budget: 5 minutes on 2 CPU cores)"
     for name in ("loss.png", "loss.svg", "table.md", "table.html", "summary.json", "generations.jsonl"):

@@ -1,7 +1,6 @@
 """Data-parallel training through torchrun (gloo on the CPU): the same losses as one process."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -9,8 +8,9 @@ import pytest
 
 from qlora_lab.runs import RunFolder
 
-from .conftest import CONFIGS, ROOT, run_cli
+from .conftest import CONFIGS, ROOT, background, run_cli
 
+NAME = "tiny_llama_qlora"
 SETS = ["train.max_steps=4", "train.gradient_accumulation_steps=2", "train.per_device_train_batch_size=4",
         "data.eval_size=0", "train.save_steps=100"]
 
@@ -19,18 +19,25 @@ def _sets():
     return sum((["--set", s] for s in SETS), [])
 
 
+@background
+def torchrun_two(tmp, env):
+    """(run folder, CompletedProcess): NAME trained by torchrun over 2 processes, in the background lane
+    (conftest.py)."""
+    two = tmp / "two"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+                        "-m", "qlora_lab.cli", "train", str(CONFIGS / f"{NAME}.yaml"), "--output-dir",
+                        str(two), *_sets()], cwd=ROOT, env=dict(env, OMP_NUM_THREADS="1"), capture_output=True,
+                       text=True, timeout=600)
+    return two, p
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["tiny_llama_qlora"])
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path, name):
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, torchrun_two):
     from qlora_lab.cli import main
 
     one = tmp_path / "one"  # one process: this one
-    assert main(["train", str(CONFIGS / f"{name}.yaml"), "--output-dir", str(one), *_sets()]) == 0
-    two = tmp_path / "two"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
-                        "-m", "qlora_lab.cli", "train", str(CONFIGS / f"{name}.yaml"), "--output-dir", str(two),
-                        *_sets()], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert main(["train", str(CONFIGS / f"{NAME}.yaml"), "--output-dir", str(one), *_sets()]) == 0
+    two, p = torchrun_two
     assert p.returncode == 0, p.stderr[-3000:]
     assert "over 2 processes" in p.stderr
     a, b = RunFolder(one).metrics(), RunFolder(two).metrics()
@@ -41,15 +48,22 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, name):
     assert (two / "adapter" / "adapter_model.safetensors").is_file()
 
 
+@background
+def bench_dp(tmp, env):
+    """(JSON path, CompletedProcess) of `bench --multi-gpu dp:2` on the tiny Llama, in the background lane
+    (conftest.py)."""
+    out = tmp / "b.json"
+    return out, run_cli("bench", "--preset", "tiny-llama", "--seq-len", "32", "--batch-size", "2", "4", "--steps",
+                        "3", "--multi-gpu", "dp:2", "--output", out, env={"OMP_NUM_THREADS": "1"}, timeout=900,
+                        base_env=env)
+
+
 @pytest.mark.slow
-def test_bench_data_parallel_rows_compare_with_one_process(tmp_path):
+def test_bench_data_parallel_rows_compare_with_one_process(bench_dp):
     """`bench --multi-gpu dp:2` (gloo here): rank 0 reports, global tokens, losses = one process's."""
     import json
 
-    out = tmp_path / "b.json"
-    env = {"OMP_NUM_THREADS": "1"}
-    r = run_cli("bench", "--preset", "tiny-llama", "--seq-len", "32", "--batch-size", "2", "4", "--steps", "3",
-                "--multi-gpu", "dp:2", "--output", out, env=env, timeout=900)
+    out, r = bench_dp
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads(out.read_text())
     rows = {(x["path"], x["batch_size"]): x for x in rep["rows"]}

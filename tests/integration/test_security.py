@@ -2,7 +2,6 @@
 default, and secrets in the environment (WANDB_API_KEY, HF_TOKEN) end up nowhere on disk."""
 from __future__ import annotations
 
-import os
 import pickle
 import shutil
 import subprocess
@@ -14,7 +13,7 @@ import pytest
 from qlora_lab.config import Config, load_config
 from qlora_lab.runs import RunFolder
 
-from .conftest import CONFIGS, ROOT
+from .conftest import CONFIGS, background
 
 TINY = CONFIGS / "tiny_llama_qlora.yaml"
 SENTINELS = {"WANDB_API_KEY": f"wandbsentinel{uuid.uuid4().hex}", "HF_TOKEN": f"hf_sentinel{uuid.uuid4().hex}",
@@ -36,18 +35,16 @@ def _evil_pickle(path, marker):
         pickle.dump(_Evil(marker), f)
 
 
-def _cli(*args, env=None, cwd=ROOT):
-    e = dict(os.environ)
-    e.update(env or {})
-    return subprocess.run([sys.executable, "-m", "qlora_lab.cli", *map(str, args)], cwd=cwd, env=e,
+def _cli(*args, env, cwd):
+    return subprocess.run([sys.executable, "-m", "qlora_lab.cli", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
-@pytest.fixture(scope="module")
-def secret_run(tmp_path_factory):
-    """Train (wandb on, offline) and generate with secrets set; returns (tmp dir, captured output)."""
-    d = tmp_path_factory.mktemp("secrets")
-    env = dict(SENTINELS, WANDB_MODE="offline")
+@background
+def secret_run(d, env):
+    """Train (wandb on, offline) and generate with secrets set, two processes in the background lane
+    (conftest.py); returns (tmp dir, captured output)."""
+    env = dict(env, **SENTINELS, WANDB_MODE="offline")
     run = d / "run"
     r = _cli("train", TINY, "--output-dir", run, "--set", "train.max_steps=2", "--set", "train.save_steps=1",
              "--set", "train.eval_steps=null", "--set", "data.eval_size=0", "--set", "logging.report_to=wandb",

@@ -3,18 +3,26 @@ from __future__ import annotations
 
 import json
 
-from .conftest import run_cli
+from .conftest import background, run_cli
 
 
-def test_offline_study_through_the_cli_with_a_memory_budget_run(tmp_path):
-    """Synthetic LIMA of the real size through the real pipeline, both arms and a budget run, each
-    in its own process; the study folder records what each took and holds no weights."""
-    out, work = tmp_path / "study", tmp_path / "work"
+@background
+def offline_study(tmp, env):
+    """(study folder, work folder, CompletedProcess) of `qlora-lab study llama2_7b_lima --offline`, in the
+    background lane (conftest.py)."""
+    out, work = tmp / "study", tmp / "work"
     tiny = ["model.random_init=tiny-llama", "data.max_length=128", "data.eval_size=4", "generation.max_new_tokens=4",
             "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=1", "train.save_steps=100"]
     r = run_cli("study", "llama2_7b_lima", "-o", out, "--work-dir", work, "--offline", "--steps", "2",
                 "--memory-budget", "15", "--budget-steps", "1", "--no-progress", "--gpus", "0,1",
-                *sum((["--set", s] for s in tiny), []))
+                *sum((["--set", s] for s in tiny), []), base_env=env)
+    return out, work, r
+
+
+def test_offline_study_through_the_cli_with_a_memory_budget_run(offline_study):
+    """Synthetic LIMA of the real size through the real pipeline, both arms and a budget run, each
+    in its own process; the study folder records what each took and holds no weights."""
+    out, work, r = offline_study
     assert r.returncode == 0, r.stderr[-3000:]
     doc = json.loads((out / "summary.json").read_text())
     assert set(doc["measured"]) == {"llama2_7b_lima_qlora", "llama2_7b_lima_lora", "llama2_7b_lima_qlora-budget15"}

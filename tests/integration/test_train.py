@@ -1,5 +1,7 @@
-"""The training recipe end to end through the real CLI, on tiny random-weight Llama and Falcon: the 24-step run
-and the wandb run in a child process, as a user runs them; resume and refusals through the CLI's main()."""
+"""The training recipe end to end through the real CLI, on tiny random-weight Llama and Falcon: the wandb run in a
+child process, as a user runs it (wandb's environment stays out of this one); the 24-step run, resume and
+refusals through the CLI's main(). A run's console in a child process: test_cli_runs.py; a run killed in one
+and resumed: test_reliability.py."""
 from __future__ import annotations
 
 import os
@@ -10,7 +12,7 @@ import torch
 from qlora_lab.cli import main
 from qlora_lab.runs import RunFolder
 
-from .conftest import CONFIGS, run_cli
+from .conftest import CONFIGS, background, run_cli
 
 RUN_FILES = ["config.yaml", "metrics.jsonl", "model_summary.json", "env.json", "train_summary.json",
              "plan.json", "status.json", "adapter/adapter_model.safetensors", "adapter/adapter_config.json"]
@@ -18,9 +20,8 @@ RUN_FILES = ["config.yaml", "metrics.jsonl", "model_summary.json", "env.json", "
 
 def _train(tmp_path, name, *sets, steps=24):
     out = tmp_path / name
-    r = run_cli("train", CONFIGS / f"{name}.yaml", "--output-dir", out, "--set", f"train.max_steps={steps}",
-                "--set", "train.save_steps=8", "--set", "train.eval_steps=8", *sum((["--set", s] for s in sets), []))
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert main(["train", str(CONFIGS / f"{name}.yaml"), "--output-dir", str(out), "--set", f"train.max_steps={steps}",
+                 "--set", "train.save_steps=8", "--set", "train.eval_steps=8", *sum((["--set", s] for s in sets), [])]) == 0
     return RunFolder(out)
 
 
@@ -139,12 +140,19 @@ def test_plan_is_logged_and_cpu_choices(llama_qlora):
     assert plan["reasons"]
 
 
-def test_wandb_offline_without_key(tmp_path, monkeypatch):
+@background
+def wandb_run(tmp, env):
+    """(run folder, CompletedProcess): a tiny run with report_to wandb, no API key and no netrc, in a child
+    process in the background lane (conftest.py)."""
+    out = tmp / "w"
+    return out, run_cli("train", CONFIGS / "tiny_llama_qlora.yaml", "--output-dir", out, "--set",
+                        "train.max_steps=2", "--set", "logging.report_to=wandb",
+                        env={"WANDB_API_KEY": "", "WANDB_MODE": "", "NETRC": str(tmp / "none")}, base_env=env)
+
+
+def test_wandb_offline_without_key(wandb_run):
     """report_to: wandb with no API key runs offline, says so, and still writes metrics.jsonl."""
-    out = tmp_path / "w"
-    env = {"WANDB_API_KEY": "", "WANDB_MODE": "", "NETRC": str(tmp_path / "none")}
-    r = run_cli("train", CONFIGS / "tiny_llama_qlora.yaml", "--output-dir", out, "--set", "train.max_steps=2",
-                "--set", "logging.report_to=wandb", env=env)
+    out, r = wandb_run
     assert r.returncode == 0, r.stderr[-3000:]
     assert "wandb runs offline" in r.stderr
     assert (out / "wandb").is_dir()

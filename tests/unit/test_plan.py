@@ -138,12 +138,12 @@ def test_uint8_storage_is_refused_under_fsdp(monkeypatch, tmp_path):
     planner.check_machine(load_config(p, ["quant.bnb_4bit_quant_storage=auto"]))
 
 
-def test_cli_train_refuses_uint8_under_fsdp_in_one_line_before_the_run_folder(tmp_path):
-    from .conftest import run_cli
-
+def test_cli_train_refuses_uint8_under_fsdp_in_one_line_before_the_run_folder(tmp_path, cli, monkeypatch):
+    """Through main() in this process: distributed.py reads ACCELERATE_USE_FSDP when asked, as a child would."""
     out = tmp_path / "run"
-    r = run_cli("train", CONFIGS / "tiny_llama_qlora.yaml", "--output-dir", out,
-                "--set", "quant.bnb_4bit_quant_storage=uint8", env={"ACCELERATE_USE_FSDP": "true"})
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    r = cli("train", CONFIGS / "tiny_llama_qlora.yaml", "--output-dir", out,
+            "--set", "quant.bnb_4bit_quant_storage=uint8")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert lines[-1] == ("qlora-lab: error: --set: quant.bnb_4bit_quant_storage: uint8 cannot be sharded by FSDP "
