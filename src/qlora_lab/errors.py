@@ -21,6 +21,14 @@ class DamagedFileError(UserError):
     filled, a copy cut short, a hand edit). The message names the file and what is wrong."""
 
 
+def is_out_of_memory(e: BaseException) -> bool:
+    """torch's OutOfMemoryError, or an error that says "out of memory" (CUDA errors raised as RuntimeError by
+    extensions such as bitsandbytes). The one test every layer uses: training, evaluation, loading, bench."""
+    import torch
+
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
 def where(path, line: int | None = None, field: str | None = None) -> str:
     """'file:line: field' prefix used by every input error."""
     s = str(path)

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from ..distributed import is_main_process, world_size
+from ..errors import is_out_of_memory
 from .flops import matmul_tflops, row_flops
 from .spec import LORA_ALPHA, LORA_R, LOSS_STEPS, Shape, bench_config, synthetic_examples
 
@@ -124,12 +125,6 @@ def _row(spec, shape: Shape, timer, steps: int, warmup: int, hf_config, lora_r: 
             "losses": timer.losses[:max(steps, LOSS_STEPS)], **_peaks(), **extra}
 
 
-def _oom(e: BaseException) -> bool:
-    import torch
-
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
-
-
 def worker(spec: dict) -> int:
     emit = _Emit(spec["out"])
     emit("start", pid=os.getpid(), matmul_tflops=matmul_tflops())
@@ -199,7 +194,7 @@ def _train_ours(spec, label, overrides, shape, model, summary, emit):
             "n_linear": summary.get("n_linear_total"), "n_lora_modules": summary.get("n_lora_modules")}))
     except Exception as e:  # an OOM loses this shape only
         emit("row", row=_failed_row({**spec, "label": label}, shape, e))
-        if not _oom(e):
+        if not is_out_of_memory(e):
             raise
     finally:
         trainer = None
@@ -222,7 +217,7 @@ def _apply_plan(model, plan) -> None:
 def _failed_row(spec, shape, e) -> dict:
     """The table row of a shape that failed: out of memory loses that shape only."""
     return {"preset": spec["preset"], "path": spec["label"], "seq_len": shape.seq_len,
-            "batch_size": shape.batch_size, "status": "failed: out of memory" if _oom(e)
+            "batch_size": shape.batch_size, "status": "failed: out of memory" if is_out_of_memory(e)
             else f"failed: {type(e).__name__}: {str(e)[:200]}", **_peaks()}
 
 
@@ -270,7 +265,7 @@ def _worker_baseline(spec, shapes, emit) -> int:
                 "n_linear": facts["n_linear"], "n_lora_modules": n_lora, "lora_init": lora_init}))
         except Exception as e:
             emit("row", row=_failed_row(spec, shape, e))
-            if not _oom(e):
+            if not is_out_of_memory(e):
                 raise
         finally:
             tr = None

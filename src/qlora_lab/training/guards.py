@@ -11,7 +11,7 @@ import signal
 from pathlib import Path
 
 from ..distributed import is_main_process
-from ..errors import UserError
+from ..errors import UserError, is_out_of_memory
 from ..runs import RunFolder
 from .callbacks import close_progress_bars
 
@@ -79,10 +79,8 @@ def settle_failed_run(run: RunFolder, before: dict | None, started: bool, exc: B
 
 def record_failure(trainer, run: RunFolder, e: Exception) -> None:
     """status.json says why training failed; known causes (memory, checkpoint, disk) become one-line UserErrors."""
-    import torch
-
     close_progress_bars(trainer)  # else the one-line error is glued to the half-drawn bar
-    if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
+    if is_out_of_memory(e):
         run.set_status("failed: out of memory", step=trainer.state.global_step)
         raise UserError(
             f"out of GPU memory at step {trainer.state.global_step}: lower train.per_device_train_batch_size "

@@ -16,7 +16,7 @@ from pathlib import Path
 from .. import console
 from ..config import Config, to_yaml
 from ..distributed import full_state_dict
-from ..errors import ConfigError, UserError
+from ..errors import ConfigError, UserError, is_out_of_memory
 from ..runs import ResumePoint, RunFolder, atomic_write_json, env_info
 from .callbacks import RunCallback, num, quiet_console_logs
 from .guards import GracefulStop, Interrupted, check_saved_adapter, record_failure, settle_failed_run, snapshot
@@ -236,11 +236,11 @@ def load_model(cfg: Config, plan, run: RunFolder):
     from ..model import add_lora
     from ..model import load_model as load_base
 
-    import torch
-
     try:
         model, _, summary = load_base(cfg, for_training=True, plan=plan)
-    except torch.OutOfMemoryError:
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
         run.set_status("failed: out of memory", step=0)
         raise UserError(
             "out of GPU memory while loading the base model: use quant.bits=4 (a 7B base takes ~3.6 GiB in NF4 "

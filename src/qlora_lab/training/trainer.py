@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 
+from ..errors import is_out_of_memory
 from .callbacks import close_progress_bars
 
 log = logging.getLogger("qlora_lab.train")  # the name train.log lines carry
@@ -46,7 +47,9 @@ class Trainer(_HFTrainer):
 
         try:
             return super().evaluate(*a, **kw)
-        except torch.OutOfMemoryError:
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 raise
             close_progress_bars(self, ("prediction_bar",))  # the training bar goes on
