@@ -165,7 +165,7 @@ def _merge_into(tmp: Path, cfg, base_cfg, path: str, run, adapter: Path, dtype: 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .model import load_adapter, load_tokenizer
+    from .model import fit_to_tokenizer, load_adapter, load_tokenizer
     from .presets import random_init_info
 
     target = getattr(torch, DTYPES[dtype])
@@ -173,9 +173,7 @@ def _merge_into(tmp: Path, cfg, base_cfg, path: str, run, adapter: Path, dtype: 
     model = AutoModelForCausalLM.from_pretrained(
         path, revision=base_cfg.model.revision, trust_remote_code=base_cfg.model.trust_remote_code,
         dtype=torch.float32, device_map={"": device})
-    if len(tok) > model.get_input_embeddings().num_embeddings:  # as training did (model.load_model)
-        model.resize_token_embeddings(len(tok), pad_to_multiple_of=64)
-    model.config.pad_token_id = tok.pad_token_id
+    fit_to_tokenizer(model, tok)  # as training did (model.load_model)
     peft_model = load_adapter(model, run.adapter_dir)
     prompts = [tok(p, return_tensors="pt").input_ids.to(device) for p in CHECK_PROMPTS]
 

@@ -59,6 +59,14 @@ def load_tokenizer(cfg, path: str | None = None):
     return tok
 
 
+def fit_to_tokenizer(model, tok) -> None:
+    """Embeddings grown to a pad token the tokenizer gained (_ensure_pad_token), and the config's pad id:
+    training, reload and merge all see the model the same way."""
+    if len(tok) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tok), pad_to_multiple_of=64)
+    model.config.pad_token_id = tok.pad_token_id
+
+
 def _ensure_pad_token(tok) -> None:
     """Pad must differ from EOS, or masking pads would also hide the EOS the model must learn."""
     if tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id:
@@ -107,9 +115,7 @@ def load_model(cfg, for_training: bool = False, plan=None, device_map=None):
             path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
             quantization_config=bnb, dtype=load_dtype, device_map=device_map,
             attn_implementation=cfg.model.attn_implementation)
-    if len(tok) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tok), pad_to_multiple_of=64)
-    model.config.pad_token_id = tok.pad_token_id
+    fit_to_tokenizer(model, tok)
     summary = quant.verify_quantization(model, cfg, dtype)
     quant.pin_cpu_kernel(model)
     summary["compute_dtype"] = dtype_name
