@@ -183,7 +183,8 @@ def _train_ours(spec, label, overrides, shape, model, summary, emit):
         n = plan.recompute_layers
         words = (f"{plan.kernels}{' + fused LoRA' if plan.fused_lora else ''}, ckpt {n}/{hf_config.num_hidden_layers}, "
                  f"micro {plan.per_device_train_batch_size}x{plan.gradient_accumulation_steps}"
-                 + (f", budget {plan.memory_budget_gib:g} GiB" if cfg.train.memory_budget_gib else ""))
+                 + (f", budget {plan.memory_budget_gib:g} GiB" if cfg.train.memory_budget_gib else "")
+                 + (", 1 optimizer sync/step" if cfg.train.optimizer_sync == "per-step" else ""))
         emit("row", row=_row({**spec, "label": label}, shape, timer, spec["steps"], spec["warmup"], hf_config,
                              cfg.lora.r, n, {
             "plan": plan.to_dict(), "plan_words": words, "kernels": summary.get("kernels"),

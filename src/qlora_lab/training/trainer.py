@@ -17,12 +17,22 @@ except ImportError:  # pragma: no cover - transformers is a hard dependency
 class Trainer(_HFTrainer):
     """Trainer that counts trained (unmasked) tokens, the x-axis users compare runs on."""
 
-    def __init__(self, *a, **kw):
+    def __init__(self, *a, optimizer_sync: str = "per-parameter", **kw):
         super().__init__(*a, **kw)
+        self.optimizer_sync = optimizer_sync  # train.optimizer_sync: applied in create_optimizer
         self.tokens_trained = 0      # all processes, since the run began (restored on --resume)
         self._tokens_resumed = 0
         self._local_tokens = 0       # this process, this session
         self._step_finite = None     # all micro-batch losses of this optimizer step finite (tensor)
+
+    def create_optimizer(self, *a, **kw):
+        """The Trainer's optimizer; with optimizer_sync "per-step" a bitsandbytes one syncs once per step."""
+        from ..kernels import optimizer_step
+
+        opt = super().create_optimizer(*a, **kw)
+        if self.optimizer_sync == "per-step" and optimizer_step.sync_once(opt):
+            log.info("optimizer: %s, one device sync per step (train.optimizer_sync)", type(opt).__name__)
+        return opt
 
     def train(self, *a, **kw):
         """Trainer.train with the objects alive at its start kept out of the garbage collector's full
