@@ -38,6 +38,7 @@ def test_bench_cli_tiny_presets_agree_with_baseline(bench_tiny):
         assert rows[(p, "ours[peft]")]["fused_lora_modules"] == 0
     for row in rows.values():
         assert row["status"] == "ok" and row["steps"] == 3 and len(row["losses"]) == 3
+        assert len(row["host_probe_ms"]) == 3 and min(row["host_probe_ms"]) > 0  # the host probe after each step
         for key in ("median_step_s", "tokens_per_s", "weights_bytes", "flops_per_token", "n_lora_modules"):
             assert row[key] > 0, key
         assert "peak_allocated_bytes" in row and "peak_reserved_bytes" in row and row["mfu"] is None  # CPU
@@ -47,6 +48,7 @@ def test_bench_cli_tiny_presets_agree_with_baseline(bench_tiny):
     assert rows[("tiny-falcon", "baseline")]["n_linear_16bit"] == rows[("tiny-falcon", "baseline")]["n_linear"] > 0
     assert rows[("tiny-falcon", "ours")]["n_linear_16bit"] == 0
     assert "16-bit" in rep["table"] and "Host load (1-minute average" in rep["table"]
+    assert "Host probe (a fixed Python loop" not in rep["table"]  # 3 steps: too few to split in halves
     assert len(rep["comparisons"]) == 4
     for c in rep["comparisons"]:
         assert c["loss_ok"] and c["loss_max_rel_diff"] <= LOSS_TOLERANCE and c["speedup"] > 0

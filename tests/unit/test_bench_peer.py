@@ -117,6 +117,11 @@ def test_peer_rows_get_our_flops_and_say_when_weights_stay_16bit():
     report["env"]["cpu_count"] = 16
     assert ("Host load (1-minute average, 16 CPUs) before / after each row's worker: "
             "unsloth[gc=unsloth] 1 / 3.5; unsloth[gc=off] 0.5 / 0.75.") in markdown(report)
+    assert "Host probe" not in markdown(report)  # no probes recorded: no probe line
+    row["host_probe_ms"], off["host_probe_ms"] = [1.0, 1.2, 1.1, 2.0, 2.2, 2.4], [1.0, 1.0, 1.0, 1.0]
+    assert ("Host probe (a fixed Python loop between steps, ms; first half / second half of the steps: a rise "
+            "means the host slowed, not the step): unsloth[gc=unsloth] 8x512 1.10 / 2.20; "
+            "unsloth[gc=off] 8x512 1.00 / 1.00.") in markdown(report)
 
 
 def _script(path, text):
@@ -160,3 +165,12 @@ def test_peer_without_cuda_fails_in_one_line(tmp_path, capsys):
                                                 f"exec {sys.executable} \"$@\"\n")
     err = _bench(capsys, tmp_path, "--peer", "unsloth", "--peer-python", wrapper)
     assert "--peer unsloth needs a CUDA GPU" in err
+
+
+def test_peer_worker_probes_the_host_with_our_loop():
+    """Both workers time the same fixed loop between steps (host_probe_ms), so their probes compare."""
+    from qlora_lab.bench import unsloth_worker, worker
+
+    assert unsloth_worker.host_probe_ms.__code__.co_code == worker.host_probe_ms.__code__.co_code
+    assert unsloth_worker.host_probe_ms.__defaults__ == worker.host_probe_ms.__defaults__
+    assert worker.host_probe_ms(1000) > 0

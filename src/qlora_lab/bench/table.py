@@ -1,6 +1,8 @@
 """The bench's outputs beside the rows: comparisons with the standard recipe, scaling, the Markdown table."""
 from __future__ import annotations
 
+import statistics
+
 from .spec import LOSS_STEPS, LOSS_TOLERANCE
 
 
@@ -98,6 +100,16 @@ def markdown(report: dict) -> str:
         lines.append(f"\nHost load (1-minute average, {cpus} CPUs) before / after each row's worker: "
                      + "; ".join(f"{p} {a:g} / {b:g}" for p, (a, b) in loads)
                      + ". Other work on the host slows our path more than the peer's: compare rows measured under similar load.")
+    probes = [(r, r["host_probe_ms"]) for r in report["rows"] if len(r.get("host_probe_ms") or ()) >= 4]
+    if probes:
+        def early_late(xs):
+            h = len(xs) // 2
+            return statistics.median(xs[:h]), statistics.median(xs[h:])
+
+        lines.append("\nHost probe (a fixed Python loop between steps, ms; first half / second half of the steps: "
+                     "a rise means the host slowed, not the step): "
+                     + "; ".join(f"{r['path']} {r['batch_size']}x{r['seq_len']} {a:.2f} / {b:.2f}"
+                                 for r, (a, b) in ((r, early_late(x)) for r, x in probes)) + ".")
     for c in report.get("scaling") or []:
         line = f"\n{c['preset']} {c['path']} ({c['world_size']} GPUs, {c['batch_size']}x{c['seq_len']} in all) vs {c['reference']} on 1 GPU:"
         if "speedup" in c:

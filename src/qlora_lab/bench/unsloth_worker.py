@@ -139,6 +139,15 @@ def _peak_reset():
     torch.cuda.reset_peak_memory_stats()
 
 
+def host_probe_ms(n: int = 20000) -> float:
+    """The same fixed pure-Python loop as our worker's (bench/worker.py), run between steps: a host-speed probe."""
+    t = time.perf_counter()
+    x = 0
+    for i in range(n):
+        x += i * i
+    return (time.perf_counter() - t) * 1e3
+
+
 def train_shape(spec: dict, model, facts: dict, init: dict, seq_len: int, batch_size: int) -> dict:
     """Train one shape from the initial LoRA weights with a fresh optimizer; the row's measured keys."""
     import torch
@@ -157,7 +166,7 @@ def train_shape(spec: dict, model, facts: dict, init: dict, seq_len: int, batch_
     else:
         model.train()
     _peak_reset()
-    times, losses = [], []
+    times, probes, losses = [], [], []
     torch.cuda.synchronize()
     t = time.perf_counter()
     for ids in batches:  # one optimizer step per batch, no accumulation, as in our rows
@@ -170,13 +179,14 @@ def train_shape(spec: dict, model, facts: dict, init: dict, seq_len: int, batch_
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))  # logged every step, as our rows do
         torch.cuda.synchronize()
-        now = time.perf_counter()
-        times.append(now - t)
-        t = now
+        times.append(time.perf_counter() - t)
+        probes.append(host_probe_ms())  # outside the step's timing, as in our rows
+        t = time.perf_counter()
     del opt
     med = statistics.median(times[spec["warmup"]:] or times)
     trained = batch_size * (seq_len - 1)  # tokens with a next-token label, as our rows count
     return {"status": "ok", "steps": len(times), "median_step_s": med, "step_times_s": [round(x, 4) for x in times],
+            "host_probe_ms": [round(x, 3) for x in probes],
             "tokens_per_s": trained / med, "trained_tokens_per_step": trained,
             "losses": losses[:max(spec["steps"], LOSS_STEPS)], **_peaks()}
 

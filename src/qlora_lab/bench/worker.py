@@ -32,14 +32,25 @@ class _Emit:
             f.write(json.dumps({"event": event, **kw}, default=str) + "\n")
 
 
+def host_probe_ms(n: int = 20000) -> float:
+    """Milliseconds a fixed pure-Python loop takes: run between steps (outside their timing), a rise over a
+    run says the host's CPU slowed down (clock, a neighbour), not our step. unsloth_worker.py runs the same."""
+    t = time.perf_counter()
+    x = 0
+    for i in range(n):
+        x += i * i
+    return (time.perf_counter() - t) * 1e3
+
+
 def _step_timer():
-    """Trainer callback: wall time of every optimizer step (synchronized), and every logged loss."""
+    """Trainer callback: wall time of every optimizer step (synchronized), the host probe after each, and
+    every logged loss."""
     import torch
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.times, self.losses, self._t = [], [], None
+            self.times, self.probes, self.losses, self._t = [], [], [], None
 
         def _now(self):
             if torch.cuda.is_available():
@@ -50,9 +61,9 @@ def _step_timer():
             self._t = self._now()
 
         def on_step_end(self, args, state, control, **kw):
-            t = self._now()
-            self.times.append(t - self._t)
-            self._t = t
+            self.times.append(self._now() - self._t)
+            self.probes.append(host_probe_ms())
+            self._t = time.perf_counter()
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs and "train_runtime" not in logs:
@@ -118,6 +129,7 @@ def _row(spec, shape: Shape, timer, steps: int, warmup: int, hf_config, lora_r: 
     return {"preset": spec["preset"], "path": spec["label"], "seq_len": shape.seq_len,
             "batch_size": shape.batch_size, "status": "ok", "steps": len(timer.times),
             "median_step_s": med, "step_times_s": [round(t, 4) for t in timer.times],
+            "host_probe_ms": [round(t, 3) for t in timer.probes],
             "tokens_per_s": trained / med, "trained_tokens_per_step": trained,
             **row_flops(hf_config, shape.seq_len, lora_r, recomputed),
             "lora_r": lora_r,
