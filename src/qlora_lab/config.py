@@ -100,6 +100,9 @@ class TrainConfig:
     fused_lora: Union[str, bool] = _f(
         "auto", "one autograd function per LoRA layer (dequantize + matmul + adapter) instead of peft's module "
         "chain: same maths, fewer kernels; auto = on unless FSDP shards the model", choices=("auto", True, False))
+    group_lora: bool = _f(
+        False, "with fused_lora: LoRA layers that share an input (q/k/v, gate/up) as one autograd function "
+        "(kernels/grouped_lora.py; same maths, fewer nodes and matmuls); off until measured on a GPU")
     optimizer_sync: str = _f(
         "per-parameter", "bitsandbytes optimizers: wait for the GPU after each parameter's update (per-parameter, "
         "bitsandbytes' own) or once per step (per-step: same kernels in the same order, 447 fewer device syncs "

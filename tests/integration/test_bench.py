@@ -20,7 +20,8 @@ def bench_tiny(tmp, env):
     variant: five processes in a row, run in the background lane (conftest.py)."""
     out = tmp / "bench.json"
     return out, run_cli("bench", "--preset", "tiny-llama", "tiny-falcon", "--seq-len", "32", "--batch-size", "2",
-                        "--steps", "3", "--baseline", "--variant", "peft:train.fused_lora=false", "--output", out,
+                        "--steps", "3", "--baseline", "--variant", "peft:train.fused_lora=false",
+                        "--variant", "grouped:train.group_lora=true", "--output", out,
                         timeout=900, base_env=env)
 
 
@@ -30,12 +31,17 @@ def test_bench_cli_tiny_presets_agree_with_baseline(bench_tiny):
     rep = json.loads(out.read_text())
     assert out.with_suffix(".md").is_file() and "| tiny-llama | 2x32 | ours |" in r.stdout
     rows = {(x["preset"], x["path"]): x for x in rep["rows"]}
-    assert set(rows) == {(p, q) for p in ("tiny-llama", "tiny-falcon") for q in ("ours", "ours[peft]", "baseline")}
+    assert set(rows) == {(p, q) for p in ("tiny-llama", "tiny-falcon")
+                         for q in ("ours", "ours[peft]", "ours[grouped]", "baseline")}
     # A variant of runtime keys only trains in the ours process, on the model it loaded: no third process.
     assert sorted(w["label"] for w in rep["workers"]) == ["baseline", "baseline", "ours", "ours"]
     for p in ("tiny-llama", "tiny-falcon"):
         assert rows[(p, "ours")]["fused_lora_modules"] == rows[(p, "ours")]["n_lora_modules"]
         assert rows[(p, "ours[peft]")]["fused_lora_modules"] == 0
+    # The grouped variant, on the same loaded model: q/k/v and gate/up grouped on Llama; Falcon has no group.
+    assert "grouped q/k/v, gate/up" in rows[("tiny-llama", "ours[grouped]")]["plan_words"]
+    assert "grouped" not in rows[("tiny-falcon", "ours[grouped]")]["plan_words"]
+    assert "grouped" not in rows[("tiny-llama", "ours")]["plan_words"]
     for row in rows.values():
         assert row["status"] == "ok" and row["steps"] == 3 and len(row["losses"]) == 3
         assert len(row["host_probe_ms"]) == 3 and min(row["host_probe_ms"]) > 0  # the host probe after each step
@@ -49,7 +55,7 @@ def test_bench_cli_tiny_presets_agree_with_baseline(bench_tiny):
     assert rows[("tiny-falcon", "ours")]["n_linear_16bit"] == 0
     assert "16-bit" in rep["table"] and "Host load (1-minute average" in rep["table"]
     assert "Host probe (a fixed Python loop" not in rep["table"]  # 3 steps: too few to split in halves
-    assert len(rep["comparisons"]) == 4
+    assert len(rep["comparisons"]) == 6
     for c in rep["comparisons"]:
         assert c["loss_ok"] and c["loss_max_rel_diff"] <= LOSS_TOLERANCE and c["speedup"] > 0
 

@@ -59,3 +59,31 @@ def test_fused_lora_dropout_mask_drawn_again_on_the_gpu():
     from ..unit.kernels.test_fused_lora import check_dropout_by_hand
 
     check_dropout_by_hand("cuda")
+
+
+def test_grouped_lora_trains_as_the_ungrouped_layers_in_bf16_on_the_gpu():
+    """q/k/v and gate/up as one function (train.group_lora) on CUDA in bf16 autocast, 4-bit: the loss and
+    every adapter gradient as the ungrouped fused layers give them, within bf16's rounding."""
+    import torch
+
+    from qlora_lab.kernels import fused_lora, grouped_lora
+
+    from ..unit.kernels.test_fused_lora import _model
+
+    x = torch.randint(4, 200, (2, 32), device="cuda")
+    results = []
+    for grouped in (False, True):
+        torch.manual_seed(0)
+        model = _model("tiny_llama_qlora", "lora.lora_dropout=0.0")
+        model.train()
+        fused_lora.enable(model)
+        if grouped:
+            assert grouped_lora.group(model) == 2 * model.config.num_hidden_layers
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}))
+    (l0, g0), (l1, g1) = results
+    assert abs(l1 - l0) <= 1e-2 * abs(l0)
+    for k in g0:
+        assert (g1[k] - g0[k]).norm() <= 2e-2 * g0[k].norm() + 1e-6, k

@@ -167,7 +167,7 @@ def _train_ours(spec, label, overrides, shape, model, summary, emit):
     from transformers import set_seed
 
     from .. import training
-    from ..kernels import fused_lora
+    from ..kernels import fused_lora, grouped_lora
 
     trainer = None
     cfg = bench_config(spec["preset"], shape, spec["steps"], spec["memory_budget"], overrides)
@@ -182,7 +182,7 @@ def _train_ours(spec, label, overrides, shape, model, summary, emit):
             summary = run.read_json("model_summary.json") or {}  # written by rank 0 only
             emit("model", summary=summary, lora_init=_sync_init_lora(model, spec["init_lora"]))
         else:  # the loaded model, this run's plan: recompute all, some or no layers; fused LoRA or not
-            _apply_plan(model, plan)
+            _apply_plan(model, plan, cfg.train.group_lora)
             if (spec.get("launch") or {}).get("kind") != "fsdp":  # FSDP has wrapped (flattened) the LoRA weights
                 _sync_init_lora(model, spec["init_lora"])
         ds = Dataset.from_list(synthetic_examples(hf_config.vocab_size, shape, spec["steps"]))
@@ -196,6 +196,7 @@ def _train_ours(spec, label, overrides, shape, model, summary, emit):
         words = (f"{plan.kernels}{' + fused LoRA' if plan.fused_lora else ''}, ckpt {n}/{hf_config.num_hidden_layers}, "
                  f"micro {plan.per_device_train_batch_size}x{plan.gradient_accumulation_steps}"
                  + (f", budget {plan.memory_budget_gib:g} GiB" if cfg.train.memory_budget_gib else "")
+                 + (", grouped q/k/v, gate/up" if grouped_lora.count(model) else "")
                  + (", 1 optimizer sync/step" if cfg.train.optimizer_sync == "per-step" else ""))
         emit("row", row=_row({**spec, "label": label}, shape, timer, spec["steps"], spec["warmup"], hf_config,
                              cfg.lora.r, n, {
@@ -215,14 +216,15 @@ def _train_ours(spec, label, overrides, shape, model, summary, emit):
     return model, summary
 
 
-def _apply_plan(model, plan) -> None:
-    """Switch the runtime choices of a loaded PeftModel to `plan`: recomputation and fused LoRA."""
-    from ..kernels import fused_lora
+def _apply_plan(model, plan, group_lora: bool = False) -> None:
+    """Switch the runtime choices of a loaded PeftModel to `plan`: recomputation, fused (and grouped) LoRA."""
+    from ..kernels import fused_lora, grouped_lora
     from ..model import set_recomputation
 
     set_recomputation(model.get_base_model(), plan.recompute_layers)
     if plan.fused_lora:
         fused_lora.enable(model)
+        (grouped_lora.group if group_lora else grouped_lora.ungroup)(model)
     else:
         fused_lora.disable(model)
 

@@ -36,6 +36,8 @@ import torch
 from ..quant import is_4bit
 
 _ATTR = "_qlora_lab_fused_lora"
+GROUP = "_qlora_lab_lora_group"      # on a group's first layer: the group's layers (grouped_lora.py)
+PENDING = "_qlora_lab_lora_pending"  # on another layer of a group: (input, output) its first layer computed
 
 
 def _dequantize(weight, quant_state, dtype):
@@ -145,21 +147,41 @@ def _compute_dtype(base, x):
     return base.weight.dtype if base.weight.is_floating_point() else x.dtype
 
 
+def route(layer, x):
+    """LoRALinearFunction's arguments after x for this layer and input, or None where peft's own forward
+    applies: eval, no grad (generation), merged or disabled adapters, several active adapters, DoRA, bias."""
+    if not (layer.training and torch.is_grad_enabled()) or layer.disable_adapters or layer.merged \
+            or len(layer.active_adapters) != 1:
+        return None
+    name = layer.active_adapters[0]
+    if name not in layer.lora_A or name in getattr(layer, "lora_variant", {}) or \
+            getattr(layer, "lora_bias", {}).get(name, False):
+        return None
+    base = layer.get_base_layer()
+    drop = layer.lora_dropout[name]
+    p = float(drop.p) if isinstance(drop, torch.nn.Dropout) else 0.0
+    return (base.weight, _quant_state(base), base.bias, layer.lora_A[name].weight, layer.lora_B[name].weight,
+            float(layer.scaling[name]), p, _compute_dtype(base, x))
+
+
 def _fused_forward(self, x, *args, **kwargs):
     original = getattr(self, _ATTR)
-    if args or kwargs or not (self.training and torch.is_grad_enabled()) or self.disable_adapters \
-            or self.merged or len(self.active_adapters) != 1:
+    if args or kwargs:
         return original(x, *args, **kwargs)
-    name = self.active_adapters[0]
-    if name not in self.lora_A or name in getattr(self, "lora_variant", {}) or \
-            getattr(self, "lora_bias", {}).get(name, False):
-        return original(x, *args, **kwargs)
-    base = self.get_base_layer()
-    drop = self.lora_dropout[name]
-    p = float(drop.p) if isinstance(drop, torch.nn.Dropout) else 0.0
-    dtype = _compute_dtype(base, x)
-    out = LoRALinearFunction.apply(x, base.weight, _quant_state(base), base.bias, self.lora_A[name].weight,
-                                   self.lora_B[name].weight, float(self.scaling[name]), p, dtype)
+    done = self.__dict__.pop(PENDING, None)  # computed with the other layers of its group (grouped_lora.py)
+    if done is not None and done[0] is x:
+        return done[1]
+    args = route(self, x)
+    if args is None:
+        return original(x)
+    group = self.__dict__.get(GROUP)
+    if group is not None:
+        from .grouped_lora import forward_group
+
+        out = forward_group(group, x, args)
+        if out is not None:
+            return out
+    out = LoRALinearFunction.apply(x, *args)
     if not torch.is_autocast_enabled(x.device.type):
         out = out.to(x.dtype)  # as peft + bitsandbytes return it
     return out
@@ -201,6 +223,8 @@ def disable(model) -> int:
         if hasattr(m, _ATTR):
             del m.forward  # the instance attribute: the class's forward shows through again
             delattr(m, _ATTR)
+            m.__dict__.pop(GROUP, None)
+            m.__dict__.pop(PENDING, None)
             n += 1
     return n
 
