@@ -171,17 +171,17 @@ def _fused_forward(self, x, *args, **kwargs):
     done = self.__dict__.pop(PENDING, None)  # computed with the other layers of its group (grouped_lora.py)
     if done is not None and done[0] is x:
         return done[1]
-    args = route(self, x)
-    if args is None:
+    call = route(self, x)
+    if call is None:
         return original(x)
     group = self.__dict__.get(GROUP)
     if group is not None:
         from .grouped_lora import forward_group
 
-        out = forward_group(group, x, args)
+        out = forward_group(group, x, call)
         if out is not None:
             return out
-    out = LoRALinearFunction.apply(x, *args)
+    out = LoRALinearFunction.apply(x, *call)
     if not torch.is_autocast_enabled(x.device.type):
         out = out.to(x.dtype)  # as peft + bitsandbytes return it
     return out
