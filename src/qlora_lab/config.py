@@ -101,12 +101,12 @@ class TrainConfig:
         "auto", "one autograd function per LoRA layer (dequantize + matmul + adapter) instead of peft's module "
         "chain: same maths, fewer kernels; auto = on unless FSDP shards the model", choices=("auto", True, False))
     group_lora: bool = _f(
-        False, "with fused_lora: LoRA layers that share an input (q/k/v, gate/up) as one autograd function "
-        "(kernels/grouped_lora.py; same maths, fewer nodes and matmuls); off until measured on a GPU")
+        True, "with fused_lora: LoRA layers that share an input (q/k/v, gate/up) as one autograd function "
+        "(kernels/grouped_lora.py; same maths, one base matmul per group; 11% faster alone on an H200)")
     optimizer_sync: str = _f(
-        "per-parameter", "bitsandbytes optimizers: wait for the GPU after each parameter's update (per-parameter, "
+        "per-step", "bitsandbytes optimizers: wait for the GPU after each parameter's update (per-parameter, "
         "bitsandbytes' own) or once per step (per-step: same kernels in the same order, 447 fewer device syncs "
-        "per step for a 7B LoRA; kernels/optimizer_step.py)", choices=("per-parameter", "per-step"))
+        "per step for a 7B LoRA, 16% faster alone on an H200; kernels/optimizer_step.py)", choices=("per-parameter", "per-step"))
     memory_budget_gib: Optional[float] = _f(None, "cap GPU memory to this many GiB (15 = a Colab T4)", min=1.0)
     output_dir: str = _f("runs", "run folders go under this directory")
     run_name: Optional[str] = _f(None, "folder and wandb run name; default: config file name")

@@ -21,7 +21,7 @@ def bench_tiny(tmp, env):
     out = tmp / "bench.json"
     return out, run_cli("bench", "--preset", "tiny-llama", "tiny-falcon", "--seq-len", "32", "--batch-size", "2",
                         "--steps", "3", "--baseline", "--variant", "peft:train.fused_lora=false",
-                        "--variant", "grouped:train.group_lora=true", "--output", out,
+                        "--variant", "ungrouped:train.group_lora=false", "--output", out,
                         timeout=900, base_env=env)
 
 
@@ -32,16 +32,17 @@ def test_bench_cli_tiny_presets_agree_with_baseline(bench_tiny):
     assert out.with_suffix(".md").is_file() and "| tiny-llama | 2x32 | ours |" in r.stdout
     rows = {(x["preset"], x["path"]): x for x in rep["rows"]}
     assert set(rows) == {(p, q) for p in ("tiny-llama", "tiny-falcon")
-                         for q in ("ours", "ours[peft]", "ours[grouped]", "baseline")}
+                         for q in ("ours", "ours[peft]", "ours[ungrouped]", "baseline")}
     # A variant of runtime keys only trains in the ours process, on the model it loaded: no third process.
     assert sorted(w["label"] for w in rep["workers"]) == ["baseline", "baseline", "ours", "ours"]
     for p in ("tiny-llama", "tiny-falcon"):
         assert rows[(p, "ours")]["fused_lora_modules"] == rows[(p, "ours")]["n_lora_modules"]
         assert rows[(p, "ours[peft]")]["fused_lora_modules"] == 0
-    # The grouped variant, on the same loaded model: q/k/v and gate/up grouped on Llama; Falcon has no group.
-    assert "grouped q/k/v, gate/up" in rows[("tiny-llama", "ours[grouped]")]["plan_words"]
-    assert "grouped" not in rows[("tiny-falcon", "ours[grouped]")]["plan_words"]
-    assert "grouped" not in rows[("tiny-llama", "ours")]["plan_words"]
+    # Grouped by default: q/k/v and gate/up on Llama, Falcon has no group; the variant ungroups the same
+    # loaded model, and the next row would group it again.
+    assert "grouped q/k/v, gate/up" in rows[("tiny-llama", "ours")]["plan_words"]
+    assert "grouped" not in rows[("tiny-falcon", "ours")]["plan_words"]
+    assert "grouped" not in rows[("tiny-llama", "ours[ungrouped]")]["plan_words"]
     for row in rows.values():
         assert row["status"] == "ok" and row["steps"] == 3 and len(row["losses"]) == 3
         assert len(row["host_probe_ms"]) == 3 and min(row["host_probe_ms"]) > 0  # the host probe after each step

@@ -87,3 +87,26 @@ def test_grouped_lora_trains_as_the_ungrouped_layers_in_bf16_on_the_gpu():
     assert abs(l1 - l0) <= 1e-2 * abs(l0)
     for k in g0:
         assert (g1[k] - g0[k]).norm() <= 2e-2 * g0[k].norm() + 1e-6, k
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_nf4_kernel_gives_bitsandbytes_cuda_numbers(dtype):
+    """kernels/nf4.py's Triton kernel (the path every fused layer's dequantization takes on CUDA) against
+    bitsandbytes' CUDA kernels, bit for bit: double-quantized 7B shapes, plain absmax, a ragged tail."""
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    from qlora_lab.kernels import nf4
+
+    assert nf4._kernel() is not None, "Triton is missing on a CUDA machine"
+    dt = getattr(torch, dtype)
+    torch.manual_seed(0)
+    for shape, nested in [((4096, 4096), True), ((11008, 4096), True), ((4096, 11008), False), ((33, 100), True)]:
+        q, qs = bnbf.quantize_4bit(torch.randn(shape, device="cuda", dtype=dt), compress_statistics=nested,
+                                   quant_type="nf4", quant_storage=torch.uint8)
+        want = bnbf.dequantize_4bit(q, qs)
+        assert want.dtype == dt
+        buffer = torch.full((shape[0] + 2, shape[1]), 7.0, dtype=dt, device="cuda")
+        nf4.dequantize(q, qs, dt, out=buffer[1:-1])
+        assert torch.equal(buffer[1:-1], want), (shape, nested, (buffer[1:-1] != want).sum().item())
+        assert buffer[0].eq(7).all() and buffer[-1].eq(7).all()

@@ -1,0 +1,82 @@
+"""NF4 weights dequantized in one kernel launch, double quantization included.
+
+bitsandbytes dequantizes a double-quantized NF4 weight in three kernels, each behind a Python op
+dispatch: the 8-bit block scales back to fp32 (`dequantize_blockwise`), the scales' mean added back
+(`absmax += offset`), then the 4-bit codes. A LoRA step of a 7B model does this 448 times (every frozen
+weight in the forward, again in the backward), so on a fast GPU its host time, not its memory traffic,
+is what costs. `dequantize` does the same arithmetic in one Triton kernel:
+
+    scale[b] = code2[absmax[b]] * absmax2[b // blocksize2] + offset      (double quantization)
+    w[2j], w[2j+1] = nf4[byte_j >> 4] * scale[2j // blocksize], nf4[byte_j & 15] * scale[...]
+
+in fp32, rounded once to the compute dtype, as bitsandbytes' CUDA kernels do. It can write into a slice
+of a larger buffer (`out`), so that layers sharing an input get one weight matrix for one matmul
+(grouped_lora.py). Anything else (a CPU tensor, FP4, Triton missing) goes through bitsandbytes' own
+dequantization, so every path gives bitsandbytes' numbers; tests/integration/test_gpu.py compares the
+Triton kernel with bitsandbytes' on the GPU.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+_PREPARED = "_qlora_lab_nf4"  # on a QuantState: the kernel's arguments, built once (the weight is frozen)
+
+
+@functools.cache
+def _kernel():
+    try:
+        from ._nf4_triton import nf4_dequantize
+    except ImportError:  # no Triton (a CPU-only install)
+        return None
+    return nf4_dequantize
+
+
+def _prepared(quant_state, device):
+    """(absmax, absmax2, code2, code, offset, nested) on `device` for the kernel, or None if it cannot run."""
+    got = getattr(quant_state, _PREPARED, None)
+    if got is not None and got[3].device == device:
+        return got
+    if quant_state.quant_type != "nf4" or quant_state.blocksize % 2:
+        return None
+    code = quant_state.code.to(device, torch.float32)
+    if quant_state.nested:
+        s2 = quant_state.state2
+        got = (quant_state.absmax.to(device), s2.absmax.to(device, torch.float32), s2.code.to(device, torch.float32),
+               code, quant_state.offset.to(device, torch.float32).reshape(1), s2.blocksize)
+    else:
+        got = (quant_state.absmax.to(device, torch.float32), None, None, code, None, None)
+    setattr(quant_state, _PREPARED, got)
+    return got
+
+
+def dequantize(weight, quant_state, dtype, out=None):
+    """The 4-bit `weight` as a (out_features, in_features) matrix of `dtype`, written into `out` if given
+    (a contiguous matrix of that shape, e.g. rows of a larger buffer)."""
+    shape = tuple(quant_state.shape)
+    args = _prepared(quant_state, weight.device) if weight.is_cuda and _kernel() is not None else None
+    if args is None:
+        import bitsandbytes.functional as bnbf
+
+        w = bnbf.dequantize_4bit(weight, quant_state).to(dtype)
+        if out is None:
+            return w
+        return out.copy_(w)
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=weight.device)
+    return _launch(weight, quant_state, out, args)
+
+
+def _launch(weight, quant_state, out, args):
+    absmax, absmax2, code2, code, offset, block2 = args
+    n_out = out.numel()
+    n_bytes = (n_out + 1) // 2
+    bytes_per_program = 1024
+    _kernel()[(-(-n_bytes // bytes_per_program),)](
+        weight.view(torch.uint8),  # the packed codes, whatever dtype bitsandbytes stores them in
+        absmax, absmax2 if absmax2 is not None else absmax, code2 if code2 is not None else code, code,
+        offset if offset is not None else code, out, n_bytes, n_out,
+        HALF_BLOCK=quant_state.blocksize // 2, BLOCK2=block2 or 1, NESTED=absmax2 is not None, BYTES=bytes_per_program,
+        enable_fp_fusion=False)  # bitsandbytes rounds the scale's product to fp32 before adding the offset
+    return out

@@ -1,0 +1,62 @@
+"""kernels/nf4.py: NF4 (and double-quantized NF4) dequantization gives bitsandbytes' numbers.
+
+Two paths are exercised here on the CPU: the stacking of a group's weights through bitsandbytes' own CPU
+dequantization (what every CPU and non-NF4 run uses), and the Triton kernel itself in Triton's CPU
+interpreter (skipped where Triton is not installed, as on a CPU-only install). The interpreter rounds to
+bf16 by truncation, so it is compared in fp32; tests/integration/test_gpu.py compares the compiled kernel with
+bitsandbytes' CUDA kernels in bf16 and fp16 on the GPU.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qlora_lab.kernels import nf4
+from qlora_lab.kernels.grouped_lora import _dequantize_group
+
+from .conftest import ROOT
+
+bnbf = pytest.importorskip("bitsandbytes.functional")
+
+# (shape, double quantization, block size): a 7B-like row, a ragged tail block, an odd count of weights
+CASES = [((96, 64), True, 64), ((4, 8192), True, 64), ((33, 64), False, 64), ((8, 100), True, 64),
+         ((3, 7), False, 64), ((64, 64), True, 128)]
+
+
+def _quantized(shape, nested, blocksize, seed=0):
+    torch.manual_seed(seed)
+    return bnbf.quantize_4bit(torch.randn(shape), blocksize=blocksize, compress_statistics=nested, quant_type="nf4")
+
+
+def test_a_group_is_its_layers_weights_stacked_by_rows():
+    parts = [_quantized((rows, 64), True, 64, seed=rows) for rows in (32, 16, 48)]
+    stacked, rows = _dequantize_group([q for q, _ in parts], [(qs, 1.0, 0.0) for _, qs in parts], torch.float32)
+    assert rows == [32, 16, 48] and stacked.shape == (96, 64)
+    for block, (q, qs) in zip(stacked.split(rows), parts):
+        assert torch.equal(block, bnbf.dequantize_4bit(q, qs))
+
+
+def compare_in_interpreter() -> None:
+    """Run in a child process with TRITON_INTERPRET=1 (read when Triton itself is imported)."""
+    for shape, nested, blocksize in CASES:
+        q, qs = _quantized(shape, nested, blocksize)
+        want = bnbf.dequantize_4bit(q, qs)
+        buffer = torch.full((shape[0] + 2, shape[1]), 7.0)  # written through rows 1..n only
+        nf4._launch(q, qs, buffer[1:-1], nf4._prepared(qs, q.device))
+        assert torch.equal(buffer[1:-1], want), (shape, nested, blocksize)
+        assert buffer[0].eq(7.0).all() and buffer[-1].eq(7.0).all(), (shape, nested, blocksize)
+    print("compared", len(CASES))
+
+
+def test_the_triton_kernel_gives_bitsandbytes_numbers():
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is not installed: its interpreter runs the kernel on the CPU")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    r = subprocess.run([sys.executable, "-c", "from tests.unit.kernels.test_nf4 import compare_in_interpreter as c; c()"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and f"compared {len(CASES)}" in r.stdout, r.stderr[-3000:]
