@@ -62,8 +62,9 @@ def test_fused_lora_dropout_mask_drawn_again_on_the_gpu():
 
 
 def test_grouped_lora_trains_as_the_ungrouped_layers_in_bf16_on_the_gpu():
-    """q/k/v and gate/up as one function (train.group_lora) on CUDA in bf16 autocast, 4-bit: the loss and
-    every adapter gradient as the ungrouped fused layers give them, within bf16's rounding."""
+    """q/k/v and gate/up as one function (train.group_lora) on CUDA in bf16 autocast, 4-bit, with Liger's
+    kernels as training uses them (its SwiGLU reads gate and up by one row stride): the loss and every
+    adapter gradient as the ungrouped fused layers give them, within bf16's rounding."""
     import torch
 
     from qlora_lab.kernels import fused_lora, grouped_lora
@@ -74,7 +75,7 @@ def test_grouped_lora_trains_as_the_ungrouped_layers_in_bf16_on_the_gpu():
     results = []
     for grouped in (False, True):
         torch.manual_seed(0)
-        model = _model("tiny_llama_qlora", "lora.lora_dropout=0.0")
+        model = _model("tiny_llama_qlora", "lora.lora_dropout=0.0", liger=True)
         model.train()
         fused_lora.enable(model)
         if grouped:

@@ -64,22 +64,6 @@ def forward_group(layers, x, first_args):
     return outs[0]
 
 
-def _rows(weight, quant_state) -> int:
-    return quant_state.shape[0] if quant_state is not None else weight.shape[0]
-
-
-def _dequantize_group(ws, meta, dtype):
-    """The group's base weights stacked as one (sum of out_features, in_features) matrix of `dtype`."""
-    rows = [_rows(w, m[0]) for w, m in zip(ws, meta)]
-    cols = meta[0][0].shape[1] if meta[0][0] is not None else ws[0].shape[1]
-    out = torch.empty(sum(rows), cols, dtype=dtype, device=ws[0].device)
-    start = 0
-    for w, m, n in zip(ws, meta, rows):
-        _dequantize(w, m[0], dtype, out[start:start + n])
-        start += n
-    return out, rows
-
-
 class GroupedLoRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dtype, meta, *flat):
@@ -89,17 +73,16 @@ class GroupedLoRAFunction(torch.autograd.Function):
         ws, biases = flat[0::4], flat[1::4]
         a = [_as(t, dtype) for t in flat[2::4]]
         b = [_as(t, dtype) for t in flat[3::4]]
-        # One matmul for the group's base layers: x [W_q; W_k; W_v]^T, each output a column slice of it
-        w, rows = _dequantize_group(ws, meta, dtype)
-        y = torch.empty(*shape[:-1], w.shape[0], dtype=dtype, device=x.device)
-        y2 = y.view(-1, w.shape[0])
-        if all(t is None for t in biases):
-            torch.mm(x2, w.t(), out=y2)
-        else:
-            bias = torch.cat([_as(t, dtype) if t is not None else w.new_zeros(r) for t, r in zip(biases, rows)])
-            torch.addmm(bias, x2, w.t(), out=y2)
+        ys = []
+        for i in range(n):
+            w = _dequantize(ws[i], meta[i][0], dtype)
+            y = torch.empty(*shape[:-1], w.shape[0], dtype=dtype, device=x.device)
+            if biases[i] is None:
+                torch.mm(x2, w.t(), out=y.view(-1, w.shape[0]))
+            else:
+                torch.addmm(_as(biases[i], dtype), x2, w.t(), out=y.view(-1, w.shape[0]))
+            ys.append(y)
         del w
-        ys2 = y2.split(rows, dim=1)
         ctx.rngs = [None] * n
         if all(m[2] == 0.0 for m in meta):  # no dropout: one A matmul for the group
             xa = list(torch.mm(x2, torch.cat(a).t()).split([t.shape[0] for t in a], dim=1))
@@ -112,12 +95,12 @@ class GroupedLoRAFunction(torch.autograd.Function):
                     xd = torch.native_dropout(x2, meta[i][2], True)[0]
                 xa.append(torch.mm(xd, a[i].t()))
         for i in range(n):
-            ys2[i].addmm_(xa[i], b[i].t(), alpha=meta[i][1])
+            ys[i].view(-1, ys[i].shape[-1]).addmm_(xa[i], b[i].t(), alpha=meta[i][1])
         ctx.save_for_backward(x2, *xa, *ws, *a, *b)
         ctx.meta, ctx.dtype, ctx.n = meta, dtype, n
         ctx.x_shape, ctx.x_dtype = shape, x.dtype
         ctx.ab_dtypes = [(flat[4 * i + 2].dtype, flat[4 * i + 3].dtype) for i in range(n)]
-        return y.split(rows, dim=-1)
+        return tuple(ys)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -130,11 +113,10 @@ class GroupedLoRAFunction(torch.autograd.Function):
         stacked = all(m[2] == 0.0 for m in meta) and len(live) == n
         dx = None
         if ctx.needs_input_grad[0]:
-            w, rows = _dequantize_group(ws, meta, dtype)
-            blocks = w.split(rows)  # each layer's weight: a contiguous row block of the stacked one
             for i in live:
-                dx = torch.mm(g[i], blocks[i]) if dx is None else dx.addmm_(g[i], blocks[i])
-            del w, blocks
+                w = _dequantize(ws[i], meta[i][0], dtype)
+                dx = torch.mm(g[i], w) if dx is None else dx.addmm_(g[i], w)
+            del w
         out = [None] * (4 * n)
         ga_all = torch.cat([ga[i] for i in range(n)], dim=1) if stacked else None
         if stacked:  # one matmul each for the input-gradient term and the A gradients

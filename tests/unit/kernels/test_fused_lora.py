@@ -11,9 +11,13 @@ from qlora_lab.model import add_lora, load_model
 from .conftest import CONFIGS
 
 
-def _model(name, *sets, checkpointing=False):
+def _model(name, *sets, checkpointing=False, liger=False):
     cfg = load_config(CONFIGS / f"{name}.yaml", ["train.fused_lora=false", *sets])
     model, _, _ = load_model(cfg, for_training=True)
+    if liger:  # the CUDA default: Liger's RoPE, RMSNorm, SwiGLU and fused loss (kernels/liger.py)
+        from qlora_lab import kernels
+
+        assert kernels.apply(model)
     model, _ = add_lora(model, cfg, model.config.num_hidden_layers if checkpointing else 0)
     torch.manual_seed(0)
     with torch.no_grad():  # B starts at zero; give it values so the LoRA branch shows in the output
