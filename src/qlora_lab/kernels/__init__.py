@@ -8,14 +8,16 @@ Triton kernels per architecture (Llama: RoPE, RMSNorm, SwiGLU, fused linear cros
 fused loss and flash attention below): `supported` tells the plan whether they apply, `apply` patches a
 loaded model before LoRA is attached. `fused_loss.py`: the head and the loss fused for any causal LM.
 `falcon_attention.py`: Falcon-7B's multi-query attention through SDPA's fused kernel.
-`grouped_lora.py`: fused LoRA layers that share an input as one autograd function (off by default).
-`optimizer_step.py`: a bitsandbytes optimizer step with one device sync instead of one per parameter.
+`grouped_lora.py`: fused LoRA layers that share an input as one autograd function (`train.group_lora`).
+`nf4.py`: NF4 weights (double quantization included) dequantized in one Triton kernel on CUDA, with
+bitsandbytes' own dequantization everywhere else. `optimizer_step.py`: a bitsandbytes optimizer step with
+one device sync instead of one per parameter (`train.optimizer_sync`).
 """
 from __future__ import annotations
 
-from . import falcon_attention, fused_lora, fused_loss, grouped_lora, liger, optimizer_step
+from . import falcon_attention, fused_lora, fused_loss, grouped_lora, liger, nf4, optimizer_step
 from .fused_lora import LoRALinearFunction, count, disable, eligible, enable
 from .liger import apply, supported
 
-__all__ = ["falcon_attention", "fused_lora", "fused_loss", "grouped_lora", "liger", "optimizer_step", "LoRALinearFunction", "enable", "disable", "count", "eligible",
-           "apply", "supported"]
+__all__ = ["falcon_attention", "fused_lora", "fused_loss", "grouped_lora", "liger", "nf4", "optimizer_step",
+           "LoRALinearFunction", "enable", "disable", "count", "eligible", "apply", "supported"]

@@ -10,9 +10,10 @@ own mask, drawn in the same order as the layers' own calls would draw them (and 
 backward, as fused_lora.py does), so the same random numbers train the same way.
 
 `group(model)` links each group's layers (the first computes the group; the others take their output when
-the model calls them on the same input tensor, in any order; on any other input they compute alone). Off by
-default (`train.group_lora`), until measured on a GPU. tests/unit/kernels/test_grouped_lora.py compares
-the loss and every adapter gradient with peft's path and with the ungrouped fused layers.
+the model calls them on the same input tensor, in any order; on any other input they compute alone). On by
+default (`train.group_lora`; +11% on an H200, assets/bench/README.md run 7).
+tests/unit/kernels/test_grouped_lora.py compares the loss and every adapter gradient with peft's path and
+with the ungrouped fused layers.
 """
 from __future__ import annotations
 
