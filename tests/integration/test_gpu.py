@@ -92,14 +92,15 @@ def test_grouped_lora_trains_as_the_ungrouped_layers_in_bf16_on_the_gpu():
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_nf4_kernel_gives_bitsandbytes_cuda_numbers(dtype):
-    """kernels/nf4.py's Triton kernel (the path every fused layer's dequantization takes on CUDA) against
-    bitsandbytes' CUDA kernels, bit for bit: double-quantized 7B shapes, plain absmax, a ragged tail."""
+    """kernels/nf4.py's Triton kernel (the path every fused layer's dequantization takes on CUDA, once its
+    self-check passes) against bitsandbytes' CUDA kernels, bit for bit: double-quantized 7B shapes, plain
+    absmax, a ragged tail."""
     import bitsandbytes.functional as bnbf
     import torch
 
     from qlora_lab.kernels import nf4
 
-    assert nf4._kernel() is not None, "Triton is missing on a CUDA machine"
+    assert nf4.usable(torch.device("cuda", torch.cuda.current_device())), "the kernel failed its own check here"
     dt = getattr(torch, dtype)
     torch.manual_seed(0)
     for shape, nested in [((4096, 4096), True), ((11008, 4096), True), ((4096, 11008), False), ((33, 100), True)]:

@@ -9,19 +9,23 @@ is what costs. `dequantize` does the same arithmetic in one Triton kernel:
     scale[b] = code2[absmax[b]] * absmax2[b // blocksize2] + offset      (double quantization)
     w[2j], w[2j+1] = nf4[byte_j >> 4] * scale[2j // blocksize], nf4[byte_j & 15] * scale[...]
 
-in fp32, rounded once to the compute dtype, as bitsandbytes' CUDA kernels do. It can write into a slice
-of a larger buffer (`out`), so that layers sharing an input get one weight matrix for one matmul
-(grouped_lora.py). Anything else (a CPU tensor, FP4, Triton missing) goes through bitsandbytes' own
-dequantization, so every path gives bitsandbytes' numbers; tests/integration/test_gpu.py compares the
-Triton kernel with bitsandbytes' on the GPU.
+in fp32, rounded once to the compute dtype, as bitsandbytes' CUDA kernels do (it can also write into rows
+of a larger buffer, `out`). Before its first use on a GPU it checks itself against bitsandbytes there
+(`usable`). Anything else (a CPU tensor, FP4, Triton missing or failing on that GPU) goes through
+bitsandbytes' own dequantization, so every path gives bitsandbytes' numbers; tests/integration/test_gpu.py
+compares the Triton kernel with bitsandbytes' on the GPU.
 """
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 
+log = logging.getLogger("qlora_lab.train")
+
 _PREPARED = "_qlora_lab_nf4"  # on a QuantState: the kernel's arguments, built once (the weight is frozen)
+_CHECKED: dict = {}  # device -> whether the kernel runs there and gives bitsandbytes' numbers
 
 
 @functools.cache
@@ -33,8 +37,39 @@ def _kernel():
     return nf4_dequantize
 
 
+def usable(device) -> bool:
+    """Whether the kernel runs on `device` and gives bitsandbytes' numbers there, checked once per device on
+    a small double-quantized matrix. Where it does not (no Triton, a GPU Triton cannot compile for, a wrong
+    result), one warning says so and bitsandbytes dequantizes: slower, never different."""
+    ok = _CHECKED.get(device)
+    if ok is None:
+        ok = _CHECKED[device] = _self_test(device)
+    return ok
+
+
+def _self_test(device) -> bool:
+    if _kernel() is None:
+        return False
+    import bitsandbytes.functional as bnbf
+
+    try:
+        # fp16: a dtype every GPU has, rounded as training rounds (tests/integration/test_gpu.py: bit for bit)
+        w = torch.randn(64, 200, generator=torch.Generator().manual_seed(0)).to(device, torch.float16)
+        q, qs = bnbf.quantize_4bit(w, compress_statistics=True, quant_type="nf4")
+        got = _launch(q, qs, torch.empty(64, 200, dtype=torch.float16, device=device), _prepared(qs, device))
+        same = torch.equal(got, bnbf.dequantize_4bit(q, qs))
+    except Exception as e:  # noqa: BLE001 - any failure to compile or launch means: use bitsandbytes
+        log.warning("NF4 kernel unavailable on %s (%s: %s): bitsandbytes dequantizes instead (slower, same numbers)",
+                    device, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+        return False
+    if not same:
+        log.warning("NF4 kernel gives other numbers than bitsandbytes on %s: bitsandbytes dequantizes instead", device)
+    return same
+
+
 def _prepared(quant_state, device):
-    """(absmax, absmax2, code2, code, offset, nested) on `device` for the kernel, or None if it cannot run."""
+    """(absmax, absmax2, code2, code, offset, nested block size) on `device` for the kernel, or None where it
+    does not apply (FP4, an odd block size)."""
     got = getattr(quant_state, _PREPARED, None)
     if got is not None and got[3].device == device:
         return got
@@ -55,7 +90,7 @@ def dequantize(weight, quant_state, dtype, out=None):
     """The 4-bit `weight` as a (out_features, in_features) matrix of `dtype`, written into `out` if given
     (a contiguous matrix of that shape, e.g. rows of a larger buffer)."""
     shape = tuple(quant_state.shape)
-    args = _prepared(quant_state, weight.device) if weight.is_cuda and _kernel() is not None else None
+    args = _prepared(quant_state, weight.device) if weight.is_cuda and usable(weight.device) else None
     if args is None:
         import bitsandbytes.functional as bnbf
 

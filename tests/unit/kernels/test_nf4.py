@@ -40,6 +40,7 @@ def compare_in_interpreter() -> None:
         nf4._launch(q, qs, buffer[1:-1], nf4._prepared(qs, q.device))
         assert torch.equal(buffer[1:-1], want), (shape, nested, blocksize)
         assert buffer[0].eq(7.0).all() and buffer[-1].eq(7.0).all(), (shape, nested, blocksize)
+    assert nf4._self_test(torch.device("cpu"))  # the check `usable` runs once per GPU, passing where the kernel is right
     print("compared", len(CASES))
 
 
@@ -50,3 +51,33 @@ def test_the_triton_kernel_gives_bitsandbytes_numbers():
     r = subprocess.run([sys.executable, "-c", "from tests.unit.kernels.test_nf4 import compare_in_interpreter as c; c()"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and f"compared {len(CASES)}" in r.stdout, r.stderr[-3000:]
+
+
+def test_a_kernel_that_fails_or_differs_is_not_used(monkeypatch, caplog):
+    """`usable` (run once per GPU before the kernel's first use) turns it off, with one warning, if it cannot
+    launch there or disagrees with bitsandbytes: dequantization falls back to bitsandbytes'."""
+    monkeypatch.setattr(nf4, "_kernel", lambda: object())  # "Triton is installed"
+
+    def cannot_compile(*a):
+        raise RuntimeError("PTX for sm_60 not supported\nmore detail")
+
+    monkeypatch.setattr(nf4, "_launch", cannot_compile)
+    with caplog.at_level("WARNING", logger="qlora_lab.train"):
+        assert nf4._self_test(torch.device("cpu")) is False
+    assert "RuntimeError: PTX for sm_60 not supported)" in caplog.text and "bitsandbytes dequantizes" in caplog.text
+
+    def off_by_one_code(q, qs, out, args):
+        return out.copy_(bnbf.dequantize_4bit(q, qs)).add_(1e-3)
+
+    caplog.clear()
+    monkeypatch.setattr(nf4, "_launch", off_by_one_code)
+    with caplog.at_level("WARNING", logger="qlora_lab.train"):
+        assert nf4._self_test(torch.device("cpu")) is False
+    assert "other numbers than bitsandbytes" in caplog.text
+
+    monkeypatch.setattr(nf4, "_CHECKED", {})
+    monkeypatch.setattr(nf4, "_launch", lambda q, qs, out, args: out.copy_(bnbf.dequantize_4bit(q, qs)))
+    cpu = torch.device("cpu")
+    assert nf4.usable(cpu) and nf4._CHECKED == {cpu: True}
+    monkeypatch.setattr(nf4, "_launch", cannot_compile)
+    assert nf4.usable(cpu)  # checked once per device: not run again
