@@ -17,7 +17,7 @@ except ImportError:  # pragma: no cover - transformers is a hard dependency
 class Trainer(_HFTrainer):
     """Trainer that counts trained (unmasked) tokens, the x-axis users compare runs on."""
 
-    def __init__(self, *a, optimizer_sync: str = "per-parameter", **kw):
+    def __init__(self, *a, optimizer_sync: str = "per-step", **kw):
         super().__init__(*a, **kw)
         self.optimizer_sync = optimizer_sync  # train.optimizer_sync: applied in create_optimizer
         self.tokens_trained = 0      # all processes, since the run began (restored on --resume)
