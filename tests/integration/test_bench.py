@@ -21,7 +21,8 @@ def bench_tiny(tmp, env):
     out = tmp / "bench.json"
     return out, run_cli("bench", "--preset", "tiny-llama", "tiny-falcon", "--seq-len", "32", "--batch-size", "2",
                         "--steps", "3", "--baseline", "--variant", "peft:train.fused_lora=false",
-                        "--variant", "ungrouped:train.group_lora=false", "--output", out,
+                        "--variant", "ungrouped:train.group_lora=false", "--variant", "bnb:train.nf4_kernel=false",
+                        "--output", out,
                         timeout=900, base_env=env)
 
 
@@ -32,7 +33,7 @@ def test_bench_cli_tiny_presets_agree_with_baseline(bench_tiny):
     assert out.with_suffix(".md").is_file() and "| tiny-llama | 2x32 | ours |" in r.stdout
     rows = {(x["preset"], x["path"]): x for x in rep["rows"]}
     assert set(rows) == {(p, q) for p in ("tiny-llama", "tiny-falcon")
-                         for q in ("ours", "ours[peft]", "ours[ungrouped]", "baseline")}
+                         for q in ("ours", "ours[peft]", "ours[ungrouped]", "ours[bnb]", "baseline")}
     # A variant of runtime keys only trains in the ours process, on the model it loaded: no third process.
     assert sorted(w["label"] for w in rep["workers"]) == ["baseline", "baseline", "ours", "ours"]
     for p in ("tiny-llama", "tiny-falcon"):
@@ -43,6 +44,10 @@ def test_bench_cli_tiny_presets_agree_with_baseline(bench_tiny):
     assert "grouped q/k/v, gate/up" in rows[("tiny-llama", "ours")]["plan_words"]
     assert "grouped" not in rows[("tiny-falcon", "ours")]["plan_words"]
     assert "grouped" not in rows[("tiny-llama", "ours[ungrouped]")]["plan_words"]
+    # The NF4 kernel switched off for one row (a runtime key: the same loaded model)
+    for p in ("tiny-llama", "tiny-falcon"):
+        assert "bitsandbytes dequant" in rows[(p, "ours[bnb]")]["plan_words"]
+        assert "bitsandbytes dequant" not in rows[(p, "ours")]["plan_words"]
     for row in rows.values():
         assert row["status"] == "ok" and row["steps"] == 3 and len(row["losses"]) == 3
         assert len(row["host_probe_ms"]) == 3 and min(row["host_probe_ms"]) > 0  # the host probe after each step
@@ -56,7 +61,7 @@ def test_bench_cli_tiny_presets_agree_with_baseline(bench_tiny):
     assert rows[("tiny-falcon", "ours")]["n_linear_16bit"] == 0
     assert "16-bit" in rep["table"] and "Host load (1-minute average" in rep["table"]
     assert "Host probe (a fixed Python loop" not in rep["table"]  # 3 steps: too few to split in halves
-    assert len(rep["comparisons"]) == 6
+    assert len(rep["comparisons"]) == 8  # each of our 4 rows per preset against the standard recipe
     for c in rep["comparisons"]:
         assert c["loss_ok"] and c["loss_max_rel_diff"] <= LOSS_TOLERANCE and c["speedup"] > 0
 

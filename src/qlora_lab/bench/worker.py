@@ -182,7 +182,7 @@ def _train_ours(spec, label, overrides, shape, model, summary, emit):
             summary = run.read_json("model_summary.json") or {}  # written by rank 0 only
             emit("model", summary=summary, lora_init=_sync_init_lora(model, spec["init_lora"]))
         else:  # the loaded model, this run's plan: recompute all, some or no layers; fused LoRA or not
-            _apply_plan(model, plan, cfg.train.group_lora)
+            _apply_plan(model, plan, cfg.train.group_lora, cfg.train.nf4_kernel)
             if (spec.get("launch") or {}).get("kind") != "fsdp":  # FSDP has wrapped (flattened) the LoRA weights
                 _sync_init_lora(model, spec["init_lora"])
         ds = Dataset.from_list(synthetic_examples(hf_config.vocab_size, shape, spec["steps"]))
@@ -197,7 +197,8 @@ def _train_ours(spec, label, overrides, shape, model, summary, emit):
                  f"micro {plan.per_device_train_batch_size}x{plan.gradient_accumulation_steps}"
                  + (f", budget {plan.memory_budget_gib:g} GiB" if cfg.train.memory_budget_gib else "")
                  + (", grouped q/k/v, gate/up" if grouped_lora.count(model) else "")
-                 + (", 1 optimizer sync/step" if cfg.train.optimizer_sync == "per-step" else ""))
+                 + (", 1 optimizer sync/step" if cfg.train.optimizer_sync == "per-step" else "")
+                 + (", bitsandbytes dequant" if plan.fused_lora and not cfg.train.nf4_kernel else ""))
         emit("row", row=_row({**spec, "label": label}, shape, timer, spec["steps"], spec["warmup"], hf_config,
                              cfg.lora.r, n, {
             "plan": plan.to_dict(), "plan_words": words, "kernels": summary.get("kernels"),
@@ -216,15 +217,17 @@ def _train_ours(spec, label, overrides, shape, model, summary, emit):
     return model, summary
 
 
-def _apply_plan(model, plan, group_lora: bool = False) -> None:
-    """Switch the runtime choices of a loaded PeftModel to `plan`: recomputation, fused (and grouped) LoRA."""
-    from ..kernels import fused_lora, grouped_lora
+def _apply_plan(model, plan, group_lora: bool = False, nf4_kernel: bool = True) -> None:
+    """Switch the runtime choices of a loaded PeftModel to `plan`: recomputation, fused (and grouped) LoRA,
+    the NF4 kernel."""
+    from ..kernels import fused_lora, grouped_lora, nf4
     from ..model import set_recomputation
 
     set_recomputation(model.get_base_model(), plan.recompute_layers)
     if plan.fused_lora:
         fused_lora.enable(model)
         (grouped_lora.group if group_lora else grouped_lora.ungroup)(model)
+        nf4.enable(nf4_kernel)
     else:
         fused_lora.disable(model)
 

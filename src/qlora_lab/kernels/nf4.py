@@ -26,6 +26,16 @@ log = logging.getLogger("qlora_lab.train")
 
 _PREPARED = "_qlora_lab_nf4"  # on a QuantState: the kernel's arguments, built once (the weight is frozen)
 _CHECKED: dict = {}  # device -> whether the kernel runs there and gives bitsandbytes' numbers
+_ENABLED = [True]  # train.nf4_kernel, for this process (set by the recipe when it loads the model)
+
+
+def enable(on: bool = True) -> None:
+    """Use the kernel where it is usable (on), or bitsandbytes' dequantization everywhere (off)."""
+    _ENABLED[0] = bool(on)
+
+
+def enabled() -> bool:
+    return _ENABLED[0]
 
 
 @functools.cache
@@ -90,7 +100,7 @@ def dequantize(weight, quant_state, dtype, out=None):
     """The 4-bit `weight` as a (out_features, in_features) matrix of `dtype`, written into `out` if given
     (a contiguous matrix of that shape, e.g. rows of a larger buffer)."""
     shape = tuple(quant_state.shape)
-    args = _prepared(quant_state, weight.device) if weight.is_cuda and usable(weight.device) else None
+    args = _prepared(quant_state, weight.device) if weight.is_cuda and _ENABLED[0] and usable(weight.device) else None
     if args is None:
         import bitsandbytes.functional as bnbf
 

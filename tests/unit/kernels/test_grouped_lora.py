@@ -76,15 +76,21 @@ def test_falcon_has_nothing_to_group_and_disable_ungroups():
 
 
 def test_training_groups_when_the_config_asks(tmp_path):
+    """train.group_lora and train.nf4_kernel, as loading the model for training applies and records them."""
     from qlora_lab import training
     from qlora_lab.config import load_config
+    from qlora_lab.kernels import nf4
 
     from .conftest import CONFIGS
 
     for on in (True, False):
-        cfg = load_config(CONFIGS / "tiny_llama_qlora.yaml", [f"train.group_lora={str(on).lower()}"])
+        cfg = load_config(CONFIGS / "tiny_llama_qlora.yaml", [f"train.group_lora={str(on).lower()}",
+                                                                f"train.nf4_kernel={str(on).lower()}"])
         run = training.prepare_run_folder(cfg, tmp_path / f"run-{on}", resume=False)
         _, hf, plan = training.load_plan(cfg, run)
         model = training.load_model(cfg, plan, run)
         expected = 2 * hf.num_hidden_layers if on else 0
-        assert grouped_lora.count(model) == expected == run.read_json("model_summary.json")["lora_groups"]
+        summary = run.read_json("model_summary.json")
+        assert grouped_lora.count(model) == expected == summary["lora_groups"]
+        assert nf4.enabled() is on and summary["nf4_kernel"] is on  # off: bitsandbytes dequantizes on CUDA too
+    nf4.enable(True)
