@@ -102,7 +102,7 @@ class TrainConfig:
         "chain: same maths, fewer kernels; auto = on unless FSDP shards the model", choices=("auto", True, False))
     group_lora: bool = _f(
         True, "with fused_lora: LoRA layers that share an input (q/k/v, gate/up) as one autograd function "
-        "(kernels/grouped_lora.py; same maths, one base matmul per group; 11% faster alone on an H200)")
+        "(kernels/grouped_lora.py; same maths, one autograd node and input gradient per group; 11% faster alone on an H200)")
     optimizer_sync: str = _f(
         "per-step", "bitsandbytes optimizers: wait for the GPU after each parameter's update (per-parameter, "
         "bitsandbytes' own) or once per step (per-step: same kernels in the same order, 447 fewer device syncs "

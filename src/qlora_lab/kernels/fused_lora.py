@@ -40,13 +40,13 @@ GROUP = "_qlora_lab_lora_group"      # on a group's first layer: the group's lay
 PENDING = "_qlora_lab_lora_pending"  # on another layer of a group: (input, output) its first layer computed
 
 
-def _dequantize(weight, quant_state, dtype, out=None):
-    """The base weight in `dtype` (written into `out` if given): NF4 in one kernel on a GPU (nf4.py)."""
+def _dequantize(weight, quant_state, dtype):
+    """The base weight in `dtype`: NF4 in one kernel on a GPU (nf4.py)."""
     if quant_state is None:
-        return weight.to(dtype) if out is None else out.copy_(weight)
+        return weight.to(dtype)
     from . import nf4
 
-    return nf4.dequantize(weight, quant_state, dtype, out)
+    return nf4.dequantize(weight, quant_state, dtype)
 
 
 def _rng_state(device):

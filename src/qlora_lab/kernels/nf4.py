@@ -9,9 +9,8 @@ is what costs. `dequantize` does the same arithmetic in one Triton kernel:
     scale[b] = code2[absmax[b]] * absmax2[b // blocksize2] + offset      (double quantization)
     w[2j], w[2j+1] = nf4[byte_j >> 4] * scale[2j // blocksize], nf4[byte_j & 15] * scale[...]
 
-in fp32, rounded once to the compute dtype, as bitsandbytes' CUDA kernels do (it can also write into rows
-of a larger buffer, `out`). Before its first use on a GPU it checks itself against bitsandbytes there
-(`usable`). Anything else (a CPU tensor, FP4, Triton missing or failing on that GPU) goes through
+in fp32, rounded once to the compute dtype, as bitsandbytes' CUDA kernels do. Before its first use on a
+GPU it checks itself against bitsandbytes there (`usable`). Anything else (a CPU tensor, FP4, Triton missing or failing on that GPU) goes through
 bitsandbytes' own dequantization, so every path gives bitsandbytes' numbers; tests/integration/test_gpu.py
 compares the Triton kernel with bitsandbytes' on the GPU.
 """
@@ -26,16 +25,17 @@ log = logging.getLogger("qlora_lab.train")
 
 _PREPARED = "_qlora_lab_nf4"  # on a QuantState: the kernel's arguments, built once (the weight is frozen)
 _CHECKED: dict = {}  # device -> whether the kernel runs there and gives bitsandbytes' numbers
-_ENABLED = [True]  # train.nf4_kernel, for this process (set by the recipe when it loads the model)
+_enabled = True  # train.nf4_kernel, for this process (set by the recipe when it loads the model)
 
 
 def enable(on: bool = True) -> None:
     """Use the kernel where it is usable (on), or bitsandbytes' dequantization everywhere (off)."""
-    _ENABLED[0] = bool(on)
+    global _enabled
+    _enabled = bool(on)
 
 
 def enabled() -> bool:
-    return _ENABLED[0]
+    return _enabled
 
 
 @functools.cache
@@ -96,24 +96,18 @@ def _prepared(quant_state, device):
     return got
 
 
-def dequantize(weight, quant_state, dtype, out=None):
-    """The 4-bit `weight` as a (out_features, in_features) matrix of `dtype`, written into `out` if given
-    (a contiguous matrix of that shape, e.g. rows of a larger buffer)."""
-    shape = tuple(quant_state.shape)
-    args = _prepared(quant_state, weight.device) if weight.is_cuda and _ENABLED[0] and usable(weight.device) else None
+def dequantize(weight, quant_state, dtype):
+    """The 4-bit `weight` as a (out_features, in_features) matrix of `dtype`."""
+    args = _prepared(quant_state, weight.device) if weight.is_cuda and _enabled and usable(weight.device) else None
     if args is None:
         import bitsandbytes.functional as bnbf
 
-        w = bnbf.dequantize_4bit(weight, quant_state).to(dtype)
-        if out is None:
-            return w
-        return out.copy_(w)
-    if out is None:
-        out = torch.empty(shape, dtype=dtype, device=weight.device)
-    return _launch(weight, quant_state, out, args)
+        return bnbf.dequantize_4bit(weight, quant_state).to(dtype)
+    return _launch(weight, quant_state, torch.empty(tuple(quant_state.shape), dtype=dtype, device=weight.device), args)
 
 
 def _launch(weight, quant_state, out, args):
+    """Run the kernel: `out` is any contiguous matrix of the weight's shape (rows of a larger one too)."""
     absmax, absmax2, code2, code, offset, block2 = args
     n_out = out.numel()
     n_bytes = (n_out + 1) // 2
