@@ -47,8 +47,7 @@ def run(presets, shapes, steps: int = 20, baseline: bool = False, memory_budget=
     `peer` ("unsloth") with `peer_python` (its interpreter) adds the peer's rows; checked before any
     worker starts (UserError in one line: a bad PATH, the peer missing there, no CUDA GPU).
     """
-    from ..fileio import atomic_write
-    from ..runs import atomic_write_json, env_info
+    from ..runs import env_info
     from . import peer as peers
 
     peer_info = peers.check(peer, peer_python) if peer or peer_python else None
@@ -84,20 +83,8 @@ def run(presets, shapes, steps: int = 20, baseline: bool = False, memory_budget=
                     rows = peers.complete_rows(rows, preset)
                 report["workers"].append(info)
                 report["rows"].extend(rows)
-                report["comparisons"] = compare(report["rows"])
-                report["scaling"] = compare_scaling(report["rows"])
-                atomic_write_json(output, report)  # after every worker: a later crash keeps these
-    report["matmul_tflops"] = max((w.get("matmul_tflops") or 0 for w in report["workers"]), default=0) or None
-    for r in report["rows"]:
-        r["mfu"] = mfu(r, report["matmul_tflops"])
-        r["hfu"] = mfu(r, report["matmul_tflops"], "hw_flops_per_token")
-    report["comparisons"] = compare(report["rows"])
-    report["scaling"] = compare_scaling(report["rows"])
-    table = markdown(report)
-    report["table"] = table
-    atomic_write_json(output, report)
-    atomic_write(output.with_suffix(".md"), table + "\n")
-    print(table)
+                _write(report, output)  # after every worker: a later crash or kill keeps these, MFU and table too
+    print(_write(report, output))
     print(f"\nwrote {output} and {output.with_suffix('.md')}")
     return report
 
@@ -114,6 +101,24 @@ def _env(launch) -> dict:
     if not launch:  # one process, one GPU (the standard recipe would batch over all visible)
         env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
     return env
+
+
+def _write(report: dict, output: Path) -> str:
+    """Fill in what the rows so far give (the fastest matmul rate a worker measured, MFU and HFU,
+    comparisons, the table) and write the JSON and its Markdown twin; returns the table."""
+    from ..fileio import atomic_write
+    from ..runs import atomic_write_json
+
+    report["matmul_tflops"] = max((w.get("matmul_tflops") or 0 for w in report["workers"]), default=0) or None
+    for r in report["rows"]:
+        r["mfu"] = mfu(r, report["matmul_tflops"])
+        r["hfu"] = mfu(r, report["matmul_tflops"], "hw_flops_per_token")
+    report["comparisons"] = compare(report["rows"])
+    report["scaling"] = compare_scaling(report["rows"])
+    report["table"] = markdown(report)
+    atomic_write_json(output, report)
+    atomic_write(output.with_suffix(".md"), report["table"] + "\n")
+    return report["table"]
 
 
 def _run_worker(spec: dict, cmd: list, env: dict, timeout, cwd=None) -> tuple[list, dict]:
