@@ -10,9 +10,9 @@ is what costs. `dequantize` does the same arithmetic in one Triton kernel:
     w[2j], w[2j+1] = nf4[byte_j >> 4] * scale[2j // blocksize], nf4[byte_j & 15] * scale[...]
 
 in fp32, rounded once to the compute dtype, as bitsandbytes' CUDA kernels do. Before its first use on a
-GPU it checks itself against bitsandbytes there (`usable`). Anything else (a CPU tensor, FP4, Triton missing or failing on that GPU) goes through
-bitsandbytes' own dequantization, so every path gives bitsandbytes' numbers; tests/integration/test_gpu.py
-compares the Triton kernel with bitsandbytes' on the GPU.
+GPU it checks itself against bitsandbytes there (`usable`). Anything else (a CPU tensor, FP4, Triton
+missing or failing on that GPU) goes through bitsandbytes' own dequantization, so every path gives
+bitsandbytes' numbers; tests/integration/test_gpu.py compares the Triton kernel with bitsandbytes' on the GPU.
 """
 from __future__ import annotations
 
