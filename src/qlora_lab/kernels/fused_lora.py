@@ -34,8 +34,11 @@ import types
 import torch
 
 from ..quant import is_4bit
+from . import dropout
 
 _ATTR = "_qlora_lab_fused_lora"
+SALT = "_qlora_lab_lora_salt"        # the layer's index among the fused ones: its dropout stream (dropout.py)
+_HOOK = "_qlora_lab_dropout_hook"    # on the model: the forward pre-hook that draws new masks per forward
 GROUP = "_qlora_lab_lora_group"      # on a group's first layer: the group's layers (grouped_lora.py)
 PENDING = "_qlora_lab_lora_pending"  # on another layer of a group: (input, output) its first layer computed
 
@@ -60,14 +63,36 @@ def _set_rng_state(state, device) -> None:
         torch.set_rng_state(state)
 
 
-def _redraw_dropout(x2, p: float, state):
-    """(x_d, mask) exactly as the forward drew them: the generator rewound to `state`, then put back."""
+def drop(x2, p: float, salt: int):
+    """(dropout(x2), how to draw its mask again): on a GPU with Triton the mask of (seed, layer `salt`)
+    (dropout.py: nothing to save, graph-safe); elsewhere torch's, with the generator state it started from."""
+    if dropout.usable(x2.device):
+        return dropout.apply(x2, p, salt), (salt, dropout.generation)
+    state = _rng_state(x2.device)
+    return torch.native_dropout(x2, p, True)[0], state
+
+
+def redraw(x2, p: float, token):
+    """(x_d, mask) exactly as `drop` drew them (mask None where dropout.py draws it)."""
+    if isinstance(token, tuple):
+        salt, generation = token
+        if generation != dropout.generation:
+            raise RuntimeError("fused LoRA: the model ran another training forward between this layer's forward "
+                               "and its backward, so its dropout mask cannot be drawn again")
+        return dropout.apply(x2, p, salt), None
     now = _rng_state(x2.device)
-    _set_rng_state(state, x2.device)
+    _set_rng_state(token, x2.device)
     try:
         return torch.native_dropout(x2, p, True)
     finally:
         _set_rng_state(now, x2.device)
+
+
+def add_dropped_(dx, t, p: float, token, mask):
+    """dx += the dropout backward of t: t masked as the forward's input was, scaled by 1 / (1 - p)."""
+    if mask is None:
+        return dropout.add_masked_(dx, t, p, token[0])
+    return dx.add_(torch.ops.aten.native_dropout_backward(t, mask, 1.0 / (1.0 - p)))
 
 
 def _as(t, dtype):
@@ -76,7 +101,7 @@ def _as(t, dtype):
 
 class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, quant_state, bias, lora_a, lora_b, scale: float, p: float, dtype):
+    def forward(ctx, x, weight, quant_state, bias, lora_a, lora_b, scale: float, p: float, salt: int, dtype):
         shape = x.shape
         x2 = _as(x.reshape(-1, shape[-1]), dtype)
         w = _dequantize(weight, quant_state, dtype)
@@ -91,8 +116,7 @@ class LoRALinearFunction(torch.autograd.Function):
         del w
         ctx.rng = None
         if p > 0.0:
-            ctx.rng = _rng_state(x2.device)  # the backward draws the same mask again from here
-            xd = torch.native_dropout(x2, p, True)[0]
+            xd, ctx.rng = drop(x2, p, salt)  # the backward draws the same mask again from ctx.rng
         else:
             xd = x2
         # The adapters in the compute dtype, kept for the backward (r x (in + out) each: small) so that
@@ -112,24 +136,24 @@ class LoRALinearFunction(torch.autograd.Function):
         x2, xa, weight, a, b = ctx.saved_tensors
         dtype, scale, p = ctx.dtype, ctx.scale, ctx.p
         g = _as(grad.reshape(-1, grad.shape[-1]), dtype)
-        xd, mask = _redraw_dropout(x2, p, ctx.rng) if ctx.rng is not None else (x2, None)
+        xd, mask = redraw(x2, p, ctx.rng) if ctx.rng is not None else (x2, None)
         ga = torch.addmm(xa, g, b, beta=0, alpha=scale)          # d loss / d x_a = s g B (xa: shape only)
         dx = None
         if ctx.needs_input_grad[0]:
             w = _dequantize(weight, ctx.quant_state, dtype)
             dx = torch.mm(g, w)
             del w
-            if mask is None:
+            if ctx.rng is None:
                 dx.addmm_(ga, a)
             else:
-                dx.add_(torch.ops.aten.native_dropout_backward(torch.mm(ga, a), mask, 1.0 / (1.0 - p)))
+                add_dropped_(dx, torch.mm(ga, a), p, ctx.rng, mask)
             dx = _as(dx.view(ctx.x_shape), ctx.x_dtype)
         da = db = None
         if ctx.needs_input_grad[4]:
             da = _as(torch.mm(ga.t(), xd), ctx.a_dtype)
         if ctx.needs_input_grad[5]:
             db = _as(torch.addmm(b, g.t(), xa, beta=0, alpha=scale), ctx.b_dtype)  # s g^T x_a (b: shape only)
-        return dx, None, None, None, da, db, None, None, None
+        return dx, None, None, None, da, db, None, None, None, None
 
 
 def _quant_state(base):
@@ -162,7 +186,7 @@ def route(layer, x):
     drop = layer.lora_dropout[name]
     p = float(drop.p) if isinstance(drop, torch.nn.Dropout) else 0.0
     return (base.weight, _quant_state(base), base.bias, layer.lora_A[name].weight, layer.lora_B[name].weight,
-            float(layer.scaling[name]), p, _compute_dtype(base, x))
+            float(layer.scaling[name]), p, layer.__dict__.get(SALT, 0), _compute_dtype(base, x))
 
 
 def _fused_forward(self, x, *args, **kwargs):
@@ -206,15 +230,24 @@ def eligible(module) -> bool:
 
 
 def enable(model) -> int:
-    """Route every eligible LoRA layer through LoRALinearFunction; returns how many."""
+    """Route every eligible LoRA layer through LoRALinearFunction; returns how many. Each gets its own dropout
+    stream (its index), and the model draws new dropout masks before each training forward (dropout.py)."""
     n = 0
     for m in model.modules():
         if eligible(m):
             if not hasattr(m, _ATTR):
                 setattr(m, _ATTR, m.forward)
                 m.forward = types.MethodType(_fused_forward, m)
+            m.__dict__[SALT] = n
             n += 1
+    if n and _HOOK not in model.__dict__:
+        model.__dict__[_HOOK] = model.register_forward_pre_hook(_new_masks)
     return n
+
+
+def _new_masks(model, args):
+    if model.training and torch.is_grad_enabled():
+        dropout.advance()
 
 
 def disable(model) -> int:
@@ -226,7 +259,11 @@ def disable(model) -> int:
             delattr(m, _ATTR)
             m.__dict__.pop(GROUP, None)
             m.__dict__.pop(PENDING, None)
+            m.__dict__.pop(SALT, None)
             n += 1
+    hook = model.__dict__.pop(_HOOK, None)
+    if hook is not None:
+        hook.remove()
     return n
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .fused_lora import GROUP, PENDING, _ATTR, _as, _dequantize, _redraw_dropout, _rng_state, route
+from .fused_lora import GROUP, PENDING, _ATTR, _as, _dequantize, add_dropped_, drop, redraw, route
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -55,7 +55,7 @@ def forward_group(layers, x, first_args):
     if any(a is None for a in args) or len({a[-1] for a in args}) != 1:  # one compute dtype
         return None
     dtype = args[0][-1]
-    meta = tuple((a[1], a[5], a[6]) for a in args)  # quant state, scale, p
+    meta = tuple((a[1], a[5], a[6], a[7]) for a in args)  # quant state, scale, p, dropout stream
     flat = [t for a in args for t in (a[0], a[2], a[3], a[4])]  # weight, bias, A, B
     outs = GroupedLoRAFunction.apply(x, dtype, meta, *flat)
     if not torch.is_autocast_enabled(x.device.type):
@@ -92,8 +92,7 @@ class GroupedLoRAFunction(torch.autograd.Function):
             for i in range(n):
                 xd = x2
                 if meta[i][2] > 0.0:
-                    ctx.rngs[i] = _rng_state(x2.device)
-                    xd = torch.native_dropout(x2, meta[i][2], True)[0]
+                    xd, ctx.rngs[i] = drop(x2, meta[i][2], meta[i][3])
                 xa.append(torch.mm(xd, a[i].t()))
         for i in range(n):
             ys[i].view(-1, ys[i].shape[-1]).addmm_(xa[i], b[i].t(), alpha=meta[i][1])
@@ -127,12 +126,12 @@ class GroupedLoRAFunction(torch.autograd.Function):
             da_all = torch.mm(ga_all.t(), x2).split([t.shape[0] for t in a])
         for i in live:
             p = meta[i][2]
-            xd, mask = _redraw_dropout(x2, p, ctx.rngs[i]) if ctx.rngs[i] is not None else (x2, None)
+            xd, mask = redraw(x2, p, ctx.rngs[i]) if ctx.rngs[i] is not None else (x2, None)
             if dx is not None and not stacked:
-                if mask is None:
+                if ctx.rngs[i] is None:
                     dx.addmm_(ga[i], a[i])
                 else:
-                    dx.add_(torch.ops.aten.native_dropout_backward(torch.mm(ga[i], a[i]), mask, 1.0 / (1.0 - p)))
+                    add_dropped_(dx, torch.mm(ga[i], a[i]), p, ctx.rngs[i], mask)
             a_dtype, b_dtype = ctx.ab_dtypes[i]
             if ctx.needs_input_grad[3 + 4 * i + 2]:
                 out[4 * i + 2] = _as(da_all[i] if stacked else torch.mm(ga[i].t(), xd), a_dtype)

@@ -130,7 +130,7 @@ def check_dropout_by_hand(device: str) -> None:
     b = torch.randn(6, 4, device=device, requires_grad=True)
     p, s = 0.3, 0.5
     torch.manual_seed(7)
-    y = fused_lora.LoRALinearFunction.apply(x, w, None, None, a, b, s, p, torch.float32)
+    y = fused_lora.LoRALinearFunction.apply(x, w, None, None, a, b, s, p, 0, torch.float32)
     g = torch.randn_like(y)  # draws from the generator between forward and backward, as later layers do
     before = rng_state()
     y.backward(g)
@@ -160,7 +160,7 @@ def test_no_dropout_mask_is_kept_for_the_backward():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        y = fused_lora.LoRALinearFunction.apply(x, w, None, None, a, b, 1.0, 0.1, torch.float32)
+        y = fused_lora.LoRALinearFunction.apply(x, w, None, None, a, b, 1.0, 0.1, 0, torch.float32)
     assert sorted(t.numel() for t in saved) == sorted([x.numel(), 64 * 4, w.numel(), a.numel(), b.numel()])
     assert not [t for t in saved if t.dtype in (torch.uint8, torch.bool)]
     y.sum().backward()
@@ -198,7 +198,7 @@ def test_fp32_adapters_get_fp32_gradients_under_bf16_compute():
     w = torch.randn(6, 8, dtype=torch.bfloat16)
     a = torch.randn(4, 8, requires_grad=True)
     b = torch.randn(6, 4, requires_grad=True)
-    y = fused_lora.LoRALinearFunction.apply(x, w, None, None, a, b, 2.0, 0.0, torch.bfloat16)
+    y = fused_lora.LoRALinearFunction.apply(x, w, None, None, a, b, 2.0, 0.0, 0, torch.bfloat16)
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
     assert a.grad.dtype == b.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
