@@ -110,6 +110,10 @@ class TrainConfig:
     nf4_kernel: bool = _f(
         True, "with fused_lora on CUDA: dequantize NF4 weights in one Triton kernel (kernels/nf4.py; checked against "
         "bitsandbytes once per GPU) instead of bitsandbytes' three: same numbers, 23-33% faster on an H200")
+    cuda_graphs: bool = _f(
+        True, "with fused_lora on one CUDA GPU: replay each decoder layer's forward and backward from a CUDA graph "
+        "(kernels/graphs.py; same kernels, launched by the GPU instead of Python; captured on the first steps of "
+        "each batch shape, so fixed shapes (data.packing) gain the most)")
     memory_budget_gib: Optional[float] = _f(None, "cap GPU memory to this many GiB (15 = a Colab T4)", min=1.0)
     output_dir: str = _f("runs", "run folders go under this directory")
     run_name: Optional[str] = _f(None, "folder and wandb run name; default: config file name")

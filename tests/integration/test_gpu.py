@@ -55,7 +55,8 @@ def test_fused_lora_is_as_accurate_as_peft_in_bf16_4bit_on_the_gpu(name):
 
 
 def test_fused_lora_dropout_mask_drawn_again_on_the_gpu():
-    """The backward rewinds CUDA's Philox generator and draws the forward's dropout mask again."""
+    """The backward draws the forward's dropout mask again from kernels/dropout.py's (seed, layer): loss and
+    gradients equal autograd's through that mask."""
     from ..unit.kernels.test_fused_lora import check_dropout_by_hand
 
     check_dropout_by_hand("cuda")
@@ -88,6 +89,58 @@ def test_grouped_lora_trains_as_the_ungrouped_layers_in_bf16_on_the_gpu():
     assert abs(l1 - l0) <= 1e-2 * abs(l0)
     for k in g0:
         assert (g1[k] - g0[k]).norm() <= 2e-2 * g0[k].norm() + 1e-6, k
+
+
+def _graph_steps(graphed: bool, dropout: float, checkpointing: bool, micro: int = 1):
+    """Four SGD steps of a tiny 4-bit Llama (fused, grouped LoRA, Liger, bf16 autocast): the losses and every
+    adapter gradient, with the layers replayed from CUDA graphs or run eagerly."""
+    import torch
+
+    from qlora_lab.kernels import fused_lora, graphs, grouped_lora
+
+    from ..unit.kernels.test_fused_lora import _model
+
+    torch.manual_seed(0)
+    model = _model("tiny_llama_qlora", f"lora.lora_dropout={dropout}", checkpointing=checkpointing, liger=True)
+    model.train()
+    fused_lora.enable(model)
+    grouped_lora.group(model)
+    if graphed:
+        assert graphs.enable(model) == model.config.num_hidden_layers
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.5)
+    gen = torch.Generator().manual_seed(3)
+    out = []
+    for step in range(4):
+        torch.manual_seed(100 + step)  # the dropout seed each forward draws (kernels/dropout.py)
+        losses = []
+        for _ in range(micro):
+            x = torch.randint(4, 200, (2, 32), generator=gen).cuda()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            losses.append(loss.item())
+        out.append((losses, {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if graphed:
+        state = model.__dict__[graphs._STATE]
+        assert graphs.captures(model) == 1 and state.replays == 4 * micro - 1, (graphs.captures(model), state.replays)
+    return out
+
+
+@pytest.mark.parametrize("dropout,checkpointing,micro", [(0.0, False, 1), (0.1, False, 1), (0.1, True, 1), (0.1, False, 2)])
+def test_layer_graphs_train_as_the_eager_layers(dropout, checkpointing, micro):
+    """kernels/graphs.py: replaying every decoder layer from CUDA graphs (captured on the second forward) gives
+    the eager layers' losses and adapter gradients step after step: with dropout (kernels/dropout.py's masks,
+    drawn again in the backward graph), with every layer recomputed, and with two micro-batches accumulating
+    into .grad. Same kernels in the same order: equal within bf16's last bit."""
+    eager = _graph_steps(False, dropout, checkpointing, micro)
+    graphed = _graph_steps(True, dropout, checkpointing, micro)
+    for step, ((l0, g0), (l1, g1)) in enumerate(zip(eager, graphed)):
+        assert l0 == pytest.approx(l1, rel=2e-3), (step, l0, l1)
+        for k in g0:
+            assert (g1[k] - g0[k]).norm() <= 1e-2 * g0[k].norm() + 1e-6, (step, k)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

@@ -232,7 +232,7 @@ def load_data(cfg: Config, tokenizer, run: RunFolder):
 
 def load_model(cfg: Config, plan, run: RunFolder):
     from .. import kernels
-    from ..kernels import fused_lora, grouped_lora, nf4
+    from ..kernels import fused_lora, graphs, grouped_lora, nf4
     from ..model import add_lora
     from ..model import load_model as load_base
 
@@ -252,7 +252,9 @@ def load_model(cfg: Config, plan, run: RunFolder):
     n_fused = fused_lora.enable(model) if plan.fused_lora else 0
     n_groups = grouped_lora.group(model) if n_fused and cfg.train.group_lora else 0
     nf4.enable(cfg.train.nf4_kernel)
+    n_graphed = graphs.enable(model) if n_fused and cfg.train.cuda_graphs else 0
     summary.update(lora, kernels=fused, fused_lora_modules=n_fused, lora_groups=n_groups, nf4_kernel=cfg.train.nf4_kernel,
+                   cuda_graph_layers=n_graphed,
                    gradient_checkpointing=plan.recompute_layers > 0)
     run.write_json("model_summary.json", summary)
     q, dtype = summary["quantization"], summary["compute_dtype"]  # the dtype of the plan, not a guess

@@ -118,8 +118,10 @@ def test_layer_with_dropout_matches_the_same_mask_by_hand():
 
 def check_dropout_by_hand(device: str) -> None:
     """p > 0: the backward draws again the mask the forward drew (same seed, same mask), even when
-    other random numbers were drawn in between, and leaves the generator where it found it.
-    On "cuda" this is the Philox generator's state (test_gpu), on "cpu" the Mersenne Twister's."""
+    other random numbers were drawn in between, and leaves torch's generator where it found it.
+    On "cuda" the mask is kernels/dropout.py's (test_gpu), on "cpu" torch's (the Mersenne Twister, rewound)."""
+    from qlora_lab.kernels import dropout
+
     def rng_state():
         return torch.cuda.get_rng_state() if device == "cuda" else torch.get_rng_state()
 
@@ -128,9 +130,9 @@ def check_dropout_by_hand(device: str) -> None:
     w = torch.randn(6, 8, device=device)
     a = torch.randn(4, 8, device=device, requires_grad=True)
     b = torch.randn(6, 4, device=device, requires_grad=True)
-    p, s = 0.3, 0.5
+    p, s, salt = 0.3, 0.5, 3
     torch.manual_seed(7)
-    y = fused_lora.LoRALinearFunction.apply(x, w, None, None, a, b, s, p, 0, torch.float32)
+    y = fused_lora.LoRALinearFunction.apply(x, w, None, None, a, b, s, p, salt, torch.float32)
     g = torch.randn_like(y)  # draws from the generator between forward and backward, as later layers do
     before = rng_state()
     y.backward(g)
@@ -138,8 +140,12 @@ def check_dropout_by_hand(device: str) -> None:
     got = (y.detach(), x.grad.clone(), a.grad.clone(), b.grad.clone())
     for t in (x, a, b):
         t.grad = None
-    torch.manual_seed(7)
-    xd, _ = torch.native_dropout(x.reshape(-1, 8), p, True)
+    if dropout.usable(x.device):  # the kernel's mask for this layer and seed
+        keep = dropout.apply(torch.ones(15, 8, device=device), p, salt) != 0
+        xd = x.reshape(-1, 8) * keep / (1 - p)
+    else:
+        torch.manual_seed(7)
+        xd, _ = torch.native_dropout(x.reshape(-1, 8), p, True)
     ref = (x @ w.t() + s * (xd.view_as(x) @ a.t()) @ b.t())
     ref.backward(g)
     torch.testing.assert_close(got[0], ref.detach())

@@ -1,0 +1,363 @@
+"""Every decoder layer's forward and backward replayed from a CUDA graph (`train.cuda_graphs`).
+
+A training step of a 7B model launches ~4,000 kernels, most of them small, from Python: on a fast GPU the
+host, not the GPU, sets the pace (assets/bench/README.md), and a slower host (a Colab VM) falls further
+behind. A CUDA graph records a layer's kernels once and launches them all with one call. Here each decoder
+layer gets two graphs, its forward and its backward (recomputation included where the plan recomputes
+that layer), captured together on the first training step of a batch shape:
+
+    forward:  layers 0..n-1 in order, each reading the previous one's output buffer in place
+    backward: layers n-1..0, each reading the gradient the next one wrote (two buffers, used in turn)
+
+so a step launches one graph per layer and direction, plus the embedding, head, loss and optimizer
+eagerly. The graphs share one memory pool, safe because they replay in the order they were captured; a
+layer's inputs and outputs are the buffers its neighbours use, so the graphs store what eager training
+stores (measured in assets/bench/). The adapters' gradients are the backward graphs' own buffers, handed
+to the optimizer as `.grad` (added up where micro-batches accumulate).
+
+What a replay cannot see must not change between steps: the captured shapes, dtypes and Python arguments
+form the key; a training forward with another key runs eagerly (and drops the graphs, giving their memory
+back); a shape seen again (REPEATS times) is captured anew, at most MAX_CAPTURES times a run. Eval,
+generation and no-grad forwards never use them. Where a layer could not be replayed faithfully (no GPU,
+several processes, LoRA layers outside the fused path, adapter dropout without the graph-safe kernel of
+dropout.py) `enable` declines and says why. tests/integration/test_gpu.py compares graphed and eager
+training (loss and every adapter gradient, with dropout and with recomputation).
+"""
+from __future__ import annotations
+
+import logging
+import types
+import weakref
+
+import torch
+
+log = logging.getLogger("qlora_lab.train")
+
+_STATE = "_qlora_lab_layer_graphs"   # on the model: its LayerGraphs
+_LAYER = "_qlora_lab_graph_index"    # on a decoder layer: its index in LayerGraphs.layers
+REPEATS = 2        # a batch shape is captured once it has been seen this many times in training forwards
+MAX_CAPTURES = 4   # after this many captures in a run (shapes keep changing), layers run eagerly
+
+
+def decoder_layers(model) -> list:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def why_not(model) -> str | None:
+    """None if every decoder layer can be replayed from a graph, else the reason it cannot."""
+    from . import dropout, fused_lora
+
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        return "several processes (their gradient hooks run outside a graph)"
+    layers = decoder_layers(model)
+    if not layers:
+        return "no decoder layers found"
+    for layer in layers:
+        for m in layer.modules():
+            if hasattr(m, "lora_A") and len(m.lora_A) and not hasattr(m, fused_lora._ATTR):
+                return "a LoRA layer outside the fused path"
+            drop = getattr(m, "lora_dropout", {})
+            if any(isinstance(d, torch.nn.Dropout) and d.p > 0 for d in drop.values()):
+                dev = next(p.device for p in m.parameters())
+                if not dropout.usable(dev):
+                    return "adapter dropout needs the graph-safe kernel (Triton)"
+        if any(isinstance(m, torch.nn.Dropout) and m.p > 0 and "lora_dropout" not in n for n, m in layer.named_modules()):
+            return "a dropout in the layer itself (its mask would not be drawn again on recomputation)"
+    return None
+
+
+def enable(model) -> int:
+    """Replay the decoder layers of `model` from CUDA graphs where they apply; returns how many layers (0 and
+    one log line saying why, where they cannot)."""
+    reason = why_not(model)
+    if reason is not None:
+        log.info("cuda graphs: off (%s)", reason)
+        return 0
+    state = model.__dict__.get(_STATE)
+    if state is None:
+        state = model.__dict__[_STATE] = LayerGraphs(decoder_layers(model))
+    return len(state.layers)
+
+
+def disable(model) -> int:
+    state = model.__dict__.pop(_STATE, None)
+    if state is None:
+        return 0
+    state.unhook()
+    return len(state.layers)
+
+
+def count(model) -> int:
+    state = model.__dict__.get(_STATE)
+    return len(state.layers) if state is not None else 0
+
+
+def captures(model) -> int:
+    state = model.__dict__.get(_STATE)
+    return state.captures if state is not None else 0
+
+
+def _key(x, kwargs, training_layers):
+    """What a replay depends on: the input's shape, dtype and grad flag, every keyword argument (tensors by
+    shape and dtype, anything else by value), which layers recompute, and the autocast state."""
+    def part(v):
+        if isinstance(v, torch.Tensor):
+            return ("T", tuple(v.shape), v.dtype, v.device, v.requires_grad)
+        if isinstance(v, (tuple, list)):
+            return tuple(part(t) for t in v)
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        return ("id", id(v))  # an object (a cache): the same one only
+    return (part(x), tuple(sorted((k, part(v)) for k, v in kwargs.items())), training_layers,
+            torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+
+
+def _tensors(v, out):
+    if isinstance(v, torch.Tensor):
+        out.append(v)
+    elif isinstance(v, (tuple, list)):
+        for t in v:
+            _tensors(t, out)
+    return out
+
+
+def _rebuild(v, it):
+    """v with its tensors replaced, in order, by those of `it`."""
+    if isinstance(v, torch.Tensor):
+        return next(it)
+    if isinstance(v, (tuple, list)):
+        return type(v)(_rebuild(t, it) for t in v)
+    return v
+
+
+class _Graph:
+    """One layer's two graphs and the buffers they read and write."""
+
+    def __init__(self, index):
+        self.index = index
+        self.fwd = self.bwd = None
+        self.x = self.out = self.gout = self.gin = None
+        self.params, self.pgrads = [], []
+        self.extra = ()  # what the layer returns after its hidden states (None, for models that return tuples)
+
+
+class LayerGraphs:
+    """The graphs of one model's decoder layers, for one key at a time."""
+
+    def __init__(self, layers):
+        self.layers = layers
+        self.graphs: list[_Graph] = []
+        self.key = None
+        self.seen: dict = {}
+        self.captures = 0
+        self.kwargs_src = None   # the keyword tensors last copied into the graphs' buffers (by identity)
+        self.kwargs_static: list = []
+        self.live = None         # a weak reference: the autograd graph of the last replayed forward, until its backward
+        self.active = False      # whether this forward replays (decided at layer 0)
+        self.replays = 0         # forwards replayed
+        self.pool = None
+        for i, layer in enumerate(layers):
+            layer.__dict__[_LAYER] = i
+            layer.forward = types.MethodType(_dispatch, layer)
+        self._state = weakref.ref(self)
+        for layer in layers:
+            layer.__dict__[_STATE] = self
+
+    def unhook(self) -> None:
+        for layer in self.layers:
+            layer.__dict__.pop("forward", None)
+            layer.__dict__.pop(_LAYER, None)
+            layer.__dict__.pop(_STATE, None)
+        self.drop()
+
+    def drop(self) -> None:
+        """Free the graphs and their memory pool."""
+        self.graphs, self.key, self.pool, self.kwargs_src, self.kwargs_static, self.live = [], None, None, None, [], None
+
+    def pending(self) -> bool:
+        """Whether a replayed forward still waits for its backward (its saved activations are in the pool)."""
+        return self.live is not None and self.live() is not None
+
+    # -- layer 0 decides for the whole forward -------------------------------------------------------------
+    def start(self, x, kwargs) -> bool:
+        self.active = False
+        if not (torch.is_grad_enabled() and self.layers[0].training) or not x.is_cuda:
+            return False
+        key = _key(x, kwargs, tuple(bool(getattr(l, "gradient_checkpointing", False)) for l in self.layers))
+        if key != self.key:
+            if self.key is not None:
+                if self.pending():
+                    return False
+                log.info("cuda graphs: a new batch shape %s: running eagerly, graphs dropped", tuple(x.shape))
+                self.drop()
+            self.seen[key] = self.seen.get(key, 0) + 1
+            if self.seen[key] < REPEATS or self.captures >= MAX_CAPTURES:
+                if self.captures == MAX_CAPTURES and self.seen[key] == REPEATS:
+                    log.info("cuda graphs: %d captures and the shapes keep changing: eager from here "
+                             "(data.packing keeps every batch one shape)", MAX_CAPTURES)
+                return False
+            self.capture(x, kwargs, key)
+        elif self.pending():  # two forwards before one backward: the first one's activations live in the pool
+            return False
+        self.active = True
+        return True
+
+    # -- capture -------------------------------------------------------------------------------------------
+    def capture(self, x, kwargs, key) -> None:
+        import time
+        from functools import partial
+
+        from torch.utils.checkpoint import checkpoint
+
+        t0 = time.perf_counter()
+        self.drop()
+        tensors = _tensors(list(kwargs.values()), [])
+        self.kwargs_static = [t.detach().clone() for t in tensors]
+        it = iter(self.kwargs_static)
+        kw = {k: _rebuild(v, it) for k, v in kwargs.items()}
+        n = len(self.layers)
+        x0 = x.detach().clone().requires_grad_(x.requires_grad)
+        gbuf = [torch.empty_like(x), torch.empty_like(x)]
+        autocast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
+                                  enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
+
+        def run(layer, h):
+            fn = partial(_raw_forward(layer), layer, **kw)
+            if getattr(layer, "gradient_checkpointing", False):
+                return checkpoint(fn, h, use_reentrant=False, preserve_rng_state=False)  # dropout.py: no generator
+            return fn(h)
+
+        def split(out):
+            return (out, ()) if isinstance(out, torch.Tensor) else (out[0], tuple(out[1:]))
+
+        graphs = [_Graph(i) for i in range(n)]
+        for g, layer in zip(graphs, self.layers):
+            g.params = [p for p in layer.parameters() if p.requires_grad]
+        # Warm-up, eagerly on a side stream: compiles the Triton kernels, sets up cuBLAS, runs the NF4 check.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), autocast:
+            for _ in range(2):
+                for g, layer in zip(graphs, self.layers):
+                    h = x0.detach().requires_grad_(True)
+                    out, _ = split(run(layer, h))
+                    torch.autograd.grad(out, [h] + g.params, torch.ones_like(out), allow_unused=True)
+                    del out
+        torch.cuda.current_stream().wait_stream(side)
+        self.pool = torch.cuda.graph_pool_handle()
+        h = x0
+        for i, (g, layer) in enumerate(zip(graphs, self.layers)):
+            g.x = h
+            g.fwd = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g.fwd, pool=self.pool), autocast:
+                out, extra = split(run(layer, h))
+            if any(e is not None for e in extra):
+                raise RuntimeError("cuda graphs: a decoder layer returned more than its hidden states")
+            g.out, g.extra = out, extra
+            h = out.detach().requires_grad_(True)  # the next layer reads this buffer in place
+        for i in reversed(range(n)):
+            g = graphs[i]
+            g.gout = gbuf[i % 2]
+            wants_gin = i > 0 or g.x.requires_grad
+            inputs = ([g.x] if wants_gin else []) + g.params
+            g.bwd = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g.bwd, pool=self.pool):
+                grads = torch.autograd.grad(g.out, inputs, g.gout, allow_unused=True)
+                if wants_gin:
+                    gbuf[(i + 1) % 2].copy_(grads[0])  # the previous layer's gradient buffer
+                    grads = grads[1:]
+                g.pgrads = [gr if gr is not None else torch.zeros_like(p) for gr, p in zip(grads, g.params)]
+                del grads
+            g.gin = gbuf[(i + 1) % 2] if wants_gin else None
+            g.out = g.out.detach()
+        # The last forward capture's autograd graph is gone; keep only buffers.
+        for g in graphs:
+            g.x = g.x.detach()
+        torch.cuda.synchronize()
+        self.graphs, self.key = graphs, key
+        self.captures += 1
+        log.info("cuda graphs: %d decoder layers captured for batch shape %s in %.1f s", n, tuple(x.shape),
+                 time.perf_counter() - t0)
+
+    def load_kwargs(self, kwargs) -> None:
+        src = _tensors(list(kwargs.values()), [])
+        if self.kwargs_src is not None and len(src) == len(self.kwargs_src) and \
+                all(a is b for a, b in zip(src, self.kwargs_src)):
+            return
+        for s, t in zip(self.kwargs_static, src):
+            if s.data_ptr() != t.data_ptr():
+                s.copy_(t)
+        self.kwargs_src = src
+
+
+def _raw_forward(layer):
+    """The layer class's forward without transformers' checkpointing wrapper (graphs.py recomputes itself)."""
+    f = type(layer).forward
+    return getattr(f, "__wrapped__", f)
+
+
+def _dispatch(layer, hidden_states, *args, **kwargs):
+    kwargs.pop("num_items_in_batch", None)  # the loss's token count, passed down by the Trainer; no layer reads it
+    state = layer.__dict__[_STATE]
+    i = layer.__dict__[_LAYER]
+    if args or not isinstance(hidden_states, torch.Tensor):
+        state.active = False
+        return type(layer).forward(layer, hidden_states, *args, **kwargs)
+    if i == 0:
+        state.start(hidden_states, kwargs)
+    if not state.active or i >= len(state.graphs):
+        return type(layer).forward(layer, hidden_states, *args, **kwargs)
+    g = state.graphs[i]
+    if hidden_states.shape != g.x.shape:
+        state.active = False
+        return type(layer).forward(layer, hidden_states, *args, **kwargs)
+    state.load_kwargs(kwargs)
+    out = _Replay.apply(state, g, hidden_states, *g.params)
+    return (out, *g.extra) if g.extra else out
+
+
+class _Token:
+    """Lives as long as a replayed forward's autograd graph (LayerGraphs.pending)."""
+
+
+class _Replay(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, state, g, x, *params):
+        if x.data_ptr() != g.x.data_ptr():
+            g.x.copy_(x)
+        g.fwd.replay()
+        ctx.state, ctx.g = state, g
+        if g.index == 0:
+            state.replays += 1
+            ctx.token = _Token()
+            state.live = weakref.ref(ctx.token)
+        return g.out.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        g, state = ctx.g, ctx.state
+        if grad.data_ptr() != g.gout.data_ptr():
+            g.gout.copy_(grad)
+        # A .grad that is still this graph's buffer (micro-batches accumulating) is copied out before the replay
+        # writes the next micro-batch's gradient there.
+        for p, pg in zip(g.params, g.pgrads):
+            if p.grad is not None and p.grad.data_ptr() == pg.data_ptr():
+                p.grad = p.grad.clone()
+        g.bwd.replay()
+        to, add = [], []
+        for p, pg in zip(g.params, g.pgrads):
+            if p.grad is None:
+                p.grad = pg
+            else:
+                to.append(p.grad)
+                add.append(pg)
+        if to:
+            torch._foreach_add_(to, add)
+        if g.index == 0:
+            state.live = None
+        gin = g.gin.detach() if g.gin is not None and ctx.needs_input_grad[2] else None
+        return (None, None, gin, *[None] * len(g.params))

@@ -1,0 +1,49 @@
+"""kernels/graphs.py on the CPU: when the layer graphs decline, and what their key tells apart.
+
+Capture and replay need CUDA: tests/integration/test_gpu.py trains graphed against eager there (loss and
+every adapter gradient, with dropout, recomputation and accumulation).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from qlora_lab.kernels import fused_lora, graphs
+
+from .test_fused_lora import _model
+
+
+def test_no_cuda_no_graphs(caplog):
+    model = _model("tiny_llama_qlora", "lora.lora_dropout=0.0")
+    fused_lora.enable(model)
+    with caplog.at_level(logging.INFO, logger="qlora_lab.train"):
+        assert graphs.enable(model) == 0
+    assert "cuda graphs: off (no CUDA device)" in caplog.text
+    assert graphs.count(model) == 0 and graphs.captures(model) == 0
+
+
+def test_graphs_decline_layers_they_cannot_replay_faithfully(monkeypatch):
+    """Where a GPU is present, every decoder layer must be replayable: LoRA through the fused path, and
+    adapter dropout drawn by the graph-safe kernel (a CPU model stands in; its layers are the real classes)."""
+    model = _model("tiny_llama_qlora", "lora.lora_dropout=0.1")
+    plain = _model("tiny_llama_qlora", "lora.lora_dropout=0.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert len(graphs.decoder_layers(model)) == model.config.num_hidden_layers
+    assert graphs.why_not(model) == "a LoRA layer outside the fused path"
+    fused_lora.enable(model)
+    assert graphs.why_not(model) == "adapter dropout needs the graph-safe kernel (Triton)"  # CPU tensors: torch's
+    fused_lora.enable(plain)
+    assert graphs.why_not(plain) is None
+
+
+def test_the_key_tells_apart_what_a_replay_cannot_see():
+    x = torch.zeros(2, 8, 4)
+    cos = torch.zeros(1, 8, 2)
+    base = graphs._key(x, {"position_embeddings": (cos, cos), "use_cache": False}, (False,))
+    assert base == graphs._key(torch.ones(2, 8, 4), {"position_embeddings": (cos + 1, cos), "use_cache": False}, (False,))
+    assert base != graphs._key(torch.zeros(2, 9, 4), {"position_embeddings": (cos, cos), "use_cache": False}, (False,))
+    assert base != graphs._key(x, {"position_embeddings": (cos, cos), "use_cache": True}, (False,))
+    assert base != graphs._key(x, {"position_embeddings": (cos, cos), "use_cache": False}, (True,))
+    assert base != graphs._key(x.requires_grad_(), {"position_embeddings": (cos, cos), "use_cache": False}, (False,))
+    assert base != graphs._key(torch.zeros(2, 8, 4), {"position_embeddings": (cos.half(), cos), "use_cache": False}, (False,))
