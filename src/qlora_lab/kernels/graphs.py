@@ -141,7 +141,7 @@ class _Graph:
         self.index = index
         self.fwd = self.bwd = None
         self.x = self.out = self.gout = self.gin = None
-        self.params, self.pgrads = [], []
+        self.params, self.pgrads, self.leaves = [], [], []
         self.extra = ()  # what the layer returns after its hidden states (None, for models that return tuples)
 
 
@@ -235,8 +235,23 @@ class LayerGraphs:
             return (out, ()) if isinstance(out, torch.Tensor) else (out[0], tuple(out[1:]))
 
         graphs = [_Graph(i) for i in range(n)]
-        for g, layer in zip(graphs, self.layers):
-            g.params = [p for p in layer.parameters() if p.requires_grad]
+        swapped = [_swap_in_leaves(layer) for layer in self.layers]
+        try:
+            self._capture(graphs, swapped, x0, gbuf, run, split, autocast)
+        finally:
+            for s in swapped:
+                _swap_back(s)
+        torch.cuda.synchronize()
+        self.graphs, self.key = graphs, key
+        self.captures += 1
+        log.info("cuda graphs: %d decoder layers captured for batch shape %s in %.1f s", n, tuple(x.shape),
+                 time.perf_counter() - t0)
+
+    def _capture(self, graphs, swapped, x0, gbuf, run, split, autocast) -> None:
+        n = len(graphs)
+        for g, s in zip(graphs, swapped):
+            g.params = [p for _, _, p, _ in s]
+            g.leaves = [leaf for _, _, _, leaf in s]
         # Warm-up, eagerly on a side stream: compiles the Triton kernels, sets up cuBLAS, runs the NF4 check.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -245,7 +260,7 @@ class LayerGraphs:
                 for g, layer in zip(graphs, self.layers):
                     h = x0.detach().requires_grad_(True)
                     out, _ = split(run(layer, h))
-                    torch.autograd.grad(out, [h] + g.params, torch.ones_like(out), allow_unused=True)
+                    torch.autograd.grad(out, [h] + g.leaves, torch.ones_like(out), allow_unused=True)
                     del out
         torch.cuda.current_stream().wait_stream(side)
         self.pool = torch.cuda.graph_pool_handle()
@@ -263,7 +278,7 @@ class LayerGraphs:
             g = graphs[i]
             g.gout = gbuf[i % 2]
             wants_gin = i > 0 or g.x.requires_grad
-            inputs = ([g.x] if wants_gin else []) + g.params
+            inputs = ([g.x] if wants_gin else []) + g.leaves
             g.bwd = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g.bwd, pool=self.pool):
                 grads = torch.autograd.grad(g.out, inputs, g.gout, allow_unused=True)
@@ -274,14 +289,9 @@ class LayerGraphs:
                 del grads
             g.gin = gbuf[(i + 1) % 2] if wants_gin else None
             g.out = g.out.detach()
-        # The last forward capture's autograd graph is gone; keep only buffers.
-        for g in graphs:
+        for g in graphs:  # buffers only: no autograd graph of the capture kept
             g.x = g.x.detach()
-        torch.cuda.synchronize()
-        self.graphs, self.key = graphs, key
-        self.captures += 1
-        log.info("cuda graphs: %d decoder layers captured for batch shape %s in %.1f s", n, tuple(x.shape),
-                 time.perf_counter() - t0)
+            g.leaves = []
 
     def load_kwargs(self, kwargs) -> None:
         src = _tensors(list(kwargs.values()), [])
@@ -292,6 +302,26 @@ class LayerGraphs:
             if s.data_ptr() != t.data_ptr():
                 s.copy_(t)
         self.kwargs_src = src
+
+
+def _swap_in_leaves(layer) -> list:
+    """Give the layer's trainable parameters fresh leaf tensors on the same memory for the capture, so its
+    autograd graph owns its gradient accumulators: ones left alive by an earlier eager step (a loss still
+    referenced) were made on another stream, which a capture may not wait on. [(module, name, parameter, leaf)]"""
+    out = []
+    for name, p in layer.named_parameters():
+        if p.requires_grad:
+            path, _, attr = name.rpartition(".")
+            module = layer.get_submodule(path)
+            leaf = torch.nn.Parameter(p.detach(), requires_grad=True)
+            module._parameters[attr] = leaf
+            out.append((module, attr, p, leaf))
+    return out
+
+
+def _swap_back(swapped) -> None:
+    for module, attr, p, _ in swapped:
+        module._parameters[attr] = p
 
 
 def _raw_forward(layer):
