@@ -159,6 +159,7 @@ class LayerGraphs:
         self.live = None         # a weak reference: the autograd graph of the last replayed forward, until its backward
         self.active = False      # whether this forward replays (decided at layer 0)
         self.replays = 0         # forwards replayed
+        self.aliased = False     # some .grad is a backward graph's buffer, which the next forward replay overwrites
         self.pool = None
         for i, layer in enumerate(layers):
             layer.__dict__[_LAYER] = i
@@ -293,6 +294,15 @@ class LayerGraphs:
             g.x = g.x.detach()
             g.leaves = []
 
+    def own_grads(self) -> None:
+        """Copy out every .grad that is still a backward graph's buffer: the forward graphs, captured before the
+        backward ones, reuse that memory (micro-batches accumulating, or a forward before the optimizer step)."""
+        for g in self.graphs:
+            for p, pg in zip(g.params, g.pgrads):
+                if p.grad is not None and p.grad.data_ptr() == pg.data_ptr():
+                    p.grad = p.grad.clone()
+        self.aliased = False
+
     def load_kwargs(self, kwargs) -> None:
         src = _tensors(list(kwargs.values()), [])
         if self.kwargs_src is not None and len(src) == len(self.kwargs_src) and \
@@ -357,6 +367,8 @@ class _Token:
 class _Replay(torch.autograd.Function):
     @staticmethod
     def forward(ctx, state, g, x, *params):
+        if g.index == 0 and state.aliased:
+            state.own_grads()
         if x.data_ptr() != g.x.data_ptr():
             g.x.copy_(x)
         g.fwd.replay()
@@ -382,6 +394,7 @@ class _Replay(torch.autograd.Function):
         for p, pg in zip(g.params, g.pgrads):
             if p.grad is None:
                 p.grad = pg
+                state.aliased = True
             else:
                 to.append(p.grad)
                 add.append(pg)
