@@ -91,8 +91,8 @@ def test_grouped_lora_trains_as_the_ungrouped_layers_in_bf16_on_the_gpu():
         assert (g1[k] - g0[k]).norm() <= 2e-2 * g0[k].norm() + 1e-6, k
 
 
-def _graph_steps(graphed: bool, dropout: float, checkpointing: bool, micro: int = 1):
-    """Four SGD steps of a tiny 4-bit Llama (fused, grouped LoRA, Liger, bf16 autocast): the losses and every
+def _graph_steps(graphed: bool, dropout: float, checkpointing: bool, micro: int = 1, name: str = "tiny_llama_qlora"):
+    """Four SGD steps of a tiny 4-bit model (fused, grouped LoRA, Liger, bf16 autocast): the losses and every
     adapter gradient, with the layers replayed from CUDA graphs or run eagerly."""
     import torch
 
@@ -101,7 +101,7 @@ def _graph_steps(graphed: bool, dropout: float, checkpointing: bool, micro: int 
     from ..unit.kernels.test_fused_lora import _model
 
     torch.manual_seed(0)
-    model = _model("tiny_llama_qlora", f"lora.lora_dropout={dropout}", checkpointing=checkpointing, liger=True)
+    model = _model(name, f"lora.lora_dropout={dropout}", checkpointing=checkpointing, liger=True)
     model.train()
     fused_lora.enable(model)
     grouped_lora.group(model)
@@ -129,14 +129,16 @@ def _graph_steps(graphed: bool, dropout: float, checkpointing: bool, micro: int 
     return out
 
 
-@pytest.mark.parametrize("dropout,checkpointing,micro", [(0.0, False, 1), (0.1, False, 1), (0.1, True, 1), (0.1, False, 2)])
-def test_layer_graphs_train_as_the_eager_layers(dropout, checkpointing, micro):
+@pytest.mark.parametrize("dropout,checkpointing,micro,name", [
+    (0.0, False, 1, "tiny_llama_qlora"), (0.1, False, 1, "tiny_llama_qlora"), (0.1, True, 1, "tiny_llama_qlora"),
+    (0.1, False, 2, "tiny_llama_qlora"), (0.1, False, 1, "tiny_falcon_qlora"), (0.1, True, 1, "tiny_falcon_qlora")])
+def test_layer_graphs_train_as_the_eager_layers(dropout, checkpointing, micro, name):
     """kernels/graphs.py: replaying every decoder layer from CUDA graphs (captured on the second forward) gives
     the eager layers' losses and adapter gradients step after step: with dropout (kernels/dropout.py's masks,
     drawn again in the backward graph), with every layer recomputed, and with two micro-batches accumulating
     into .grad. Same kernels in the same order: equal within bf16's last bit."""
-    eager = _graph_steps(False, dropout, checkpointing, micro)
-    graphed = _graph_steps(True, dropout, checkpointing, micro)
+    eager = _graph_steps(False, dropout, checkpointing, micro, name)
+    graphed = _graph_steps(True, dropout, checkpointing, micro, name)
     for step, ((l0, g0), (l1, g1)) in enumerate(zip(eager, graphed)):
         assert l0 == pytest.approx(l1, rel=2e-3), (step, l0, l1)
         for k in g0:
