@@ -233,7 +233,7 @@ def _apply_plan(model, plan, group_lora: bool = False, nf4_kernel: bool = True, 
         fused_lora.disable(model)
     graphs.disable(model)  # captured for the last run's plan, if any
     if plan.fused_lora and cuda_graphs:
-        graphs.enable(model)
+        graphs.enable(model, fp16=plan.mixed_precision == "fp16")
 
 
 def _failed_row(spec, shape, e) -> dict:

@@ -45,12 +45,21 @@ def decoder_layers(model) -> list:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def why_not(model) -> str | None:
+VERIFIED = ("llama",)  # architectures whose layers capture (Falcon's attention indexes with a Python list: a host copy)
+
+
+def why_not(model, fp16: bool = False) -> str | None:
     """None if every decoder layer can be replayed from a graph, else the reason it cannot."""
     from . import dropout, fused_lora
 
     if not torch.cuda.is_available():
         return "no CUDA device"
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in VERIFIED:
+        return f"model_type {model_type!r} is not verified under graph capture (verified: {', '.join(VERIFIED)})"
+    if fp16:
+        return ("fp16 compute (a T4): its memory plan is measured without the graphs' pool, which holds one "
+                "layer's working memory on top")
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         return "several processes (their gradient hooks run outside a graph)"
     layers = decoder_layers(model)
@@ -70,10 +79,10 @@ def why_not(model) -> str | None:
     return None
 
 
-def enable(model) -> int:
+def enable(model, fp16: bool = False) -> int:
     """Replay the decoder layers of `model` from CUDA graphs where they apply; returns how many layers (0 and
-    one log line saying why, where they cannot)."""
-    reason = why_not(model)
+    one log line saying why, where they cannot). fp16: the plan computes in fp16 (a T4)."""
+    reason = why_not(model, fp16)
     if reason is not None:
         log.info("cuda graphs: off (%s)", reason)
         return 0

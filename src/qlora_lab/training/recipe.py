@@ -252,7 +252,7 @@ def load_model(cfg: Config, plan, run: RunFolder):
     n_fused = fused_lora.enable(model) if plan.fused_lora else 0
     n_groups = grouped_lora.group(model) if n_fused and cfg.train.group_lora else 0
     nf4.enable(cfg.train.nf4_kernel)
-    n_graphed = graphs.enable(model) if n_fused and cfg.train.cuda_graphs else 0
+    n_graphed = graphs.enable(model, fp16=plan.mixed_precision == "fp16") if n_fused and cfg.train.cuda_graphs else 0
     summary.update(lora, kernels=fused, fused_lora_modules=n_fused, lora_groups=n_groups, nf4_kernel=cfg.train.nf4_kernel,
                    cuda_graph_layers=n_graphed,
                    gradient_checkpointing=plan.recompute_layers > 0)

@@ -28,6 +28,7 @@ def test_graphs_decline_layers_they_cannot_replay_faithfully(monkeypatch):
     adapter dropout drawn by the graph-safe kernel (a CPU model stands in; its layers are the real classes)."""
     model = _model("tiny_llama_qlora", "lora.lora_dropout=0.1")
     plain = _model("tiny_llama_qlora", "lora.lora_dropout=0.0")
+    falcon = _model("tiny_falcon_qlora", "lora.lora_dropout=0.0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert len(graphs.decoder_layers(model)) == model.config.num_hidden_layers
     assert graphs.why_not(model) == "a LoRA layer outside the fused path"
@@ -35,6 +36,9 @@ def test_graphs_decline_layers_they_cannot_replay_faithfully(monkeypatch):
     assert graphs.why_not(model) == "adapter dropout needs the graph-safe kernel (Triton)"  # CPU tensors: torch's
     fused_lora.enable(plain)
     assert graphs.why_not(plain) is None
+    assert graphs.why_not(plain, fp16=True).startswith("fp16 compute (a T4)")
+    fused_lora.enable(falcon)
+    assert graphs.why_not(falcon).startswith("model_type 'falcon' is not verified")
 
 
 def test_the_key_tells_apart_what_a_replay_cannot_see():
