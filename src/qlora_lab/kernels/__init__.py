@@ -11,13 +11,15 @@ loaded model before LoRA is attached. `fused_loss.py`: the head and the loss fus
 `grouped_lora.py`: fused LoRA layers that share an input as one autograd function (`train.group_lora`).
 `nf4.py`: NF4 weights (double quantization included) dequantized in one Triton kernel on CUDA, with
 bitsandbytes' own dequantization everywhere else. `optimizer_step.py`: a bitsandbytes optimizer step with
-one device sync instead of one per parameter (`train.optimizer_sync`).
+one device sync instead of one per parameter (`train.optimizer_sync`). `dropout.py`: adapter dropout on the GPU
+whose mask is a function of (seed, layer, element), drawn again in the backward without a generator to rewind.
+`graphs.py`: every Llama decoder layer's forward and backward replayed from CUDA graphs (`train.cuda_graphs`).
 """
 from __future__ import annotations
 
-from . import falcon_attention, fused_lora, fused_loss, grouped_lora, liger, nf4, optimizer_step
+from . import dropout, falcon_attention, fused_lora, fused_loss, graphs, grouped_lora, liger, nf4, optimizer_step
 from .fused_lora import LoRALinearFunction, count, disable, eligible, enable
 from .liger import apply, supported
 
-__all__ = ["falcon_attention", "fused_lora", "fused_loss", "grouped_lora", "liger", "nf4", "optimizer_step",
+__all__ = ["dropout", "graphs", "falcon_attention", "fused_lora", "fused_loss", "grouped_lora", "liger", "nf4", "optimizer_step",
            "LoRALinearFunction", "enable", "disable", "count", "eligible", "apply", "supported"]
