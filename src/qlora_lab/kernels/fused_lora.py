@@ -14,9 +14,10 @@ forward:  dequantize W, y = x W^T (+ b), x_d = dropout(x), x_a = x_d A^T, y += s
 backward: dequantize W again, g_a = s g B, (x_d, mask) drawn again, dx = g W + mask/(1-p) * (g_a A),
           dA = g_a^T x_d, dB = s g^T x_a
 
-It saves x, the small x_a (tokens x r) and the random generator's state from just before the forward's
-dropout; the backward rewinds the generator to it and draws the same mask again (bit for bit: the same
-generator, state and shape), so no mask is kept at all. peft saves each layer's dropped-out input and its
+It saves x and the small x_a (tokens x r), and no dropout mask: the backward draws the forward's mask again.
+On a GPU with Triton the mask is a function of (seed, layer, element) (dropout.py: nothing to rewind, safe
+inside a CUDA graph); elsewhere it is torch's, the generator rewound to the state the forward started from
+(bit for bit: the same generator, state and shape). peft saves each layer's dropped-out input and its
 1-byte mask; q, k, v (and gate, up) share one input, which this saves once. Frozen base weights get no
 gradient; adapters get theirs in their own dtype (fp32 masters).
 
