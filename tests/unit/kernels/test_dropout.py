@@ -6,17 +6,12 @@ tests/integration/test_gpu.py checks the fused layers' gradients on the compiled
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from qlora_lab.kernels import dropout
 
-from .conftest import ROOT
+from .conftest import run_in_triton_interpreter
 
 
 def check_in_interpreter() -> None:
@@ -49,12 +44,7 @@ def check_in_interpreter() -> None:
 
 
 def test_the_kernel_draws_a_reproducible_mask_of_the_right_law():
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("Triton is not installed: its interpreter runs the kernel on the CPU")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    r = subprocess.run([sys.executable, "-c", "from tests.unit.kernels.test_dropout import check_in_interpreter as c; c()"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and "checked" in r.stdout, r.stderr[-3000:]
+    assert "checked" in run_in_triton_interpreter("test_dropout", "check_in_interpreter")
 
 
 def test_the_cpu_keeps_torchs_dropout():

@@ -7,17 +7,12 @@ kernel with bitsandbytes' CUDA kernels in bf16 and fp16 on the GPU.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from qlora_lab.kernels import nf4
 
-from .conftest import ROOT
+from .conftest import run_in_triton_interpreter
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
@@ -45,12 +40,7 @@ def compare_in_interpreter() -> None:
 
 
 def test_the_triton_kernel_gives_bitsandbytes_numbers():
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("Triton is not installed: its interpreter runs the kernel on the CPU")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    r = subprocess.run([sys.executable, "-c", "from tests.unit.kernels.test_nf4 import compare_in_interpreter as c; c()"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and f"compared {len(CASES)}" in r.stdout, r.stderr[-3000:]
+    assert f"compared {len(CASES)}" in run_in_triton_interpreter("test_nf4", "compare_in_interpreter")
 
 
 def test_a_kernel_that_fails_or_differs_is_not_used(monkeypatch, caplog):
