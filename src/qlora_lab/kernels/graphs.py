@@ -172,10 +172,8 @@ class LayerGraphs:
         self.pool = None
         for i, layer in enumerate(layers):
             layer.__dict__[_LAYER] = i
-            layer.forward = types.MethodType(_dispatch, layer)
-        self._state = weakref.ref(self)
-        for layer in layers:
             layer.__dict__[_STATE] = self
+            layer.forward = types.MethodType(_dispatch, layer)
 
     def unhook(self) -> None:
         for layer in self.layers:
@@ -194,7 +192,7 @@ class LayerGraphs:
 
     # -- layer 0 decides for the whole forward -------------------------------------------------------------
     def start(self, x, kwargs) -> bool:
-        self.active = False
+        """Whether this training forward replays the graphs (capturing them first where the shape is due)."""
         if not (torch.is_grad_enabled() and self.layers[0].training) or not x.is_cuda:
             return False
         key = _key(x, kwargs, tuple(bool(getattr(l, "gradient_checkpointing", False)) for l in self.layers))
@@ -213,7 +211,6 @@ class LayerGraphs:
             self.capture(x, kwargs, key)
         elif self.pending():  # two forwards before one backward: the first one's activations live in the pool
             return False
-        self.active = True
         return True
 
     # -- capture -------------------------------------------------------------------------------------------
@@ -357,7 +354,7 @@ def _dispatch(layer, hidden_states, *args, **kwargs):
         state.active = False
         return type(layer).forward(layer, hidden_states, *args, **kwargs)
     if i == 0:
-        state.start(hidden_states, kwargs)
+        state.active = state.start(hidden_states, kwargs)
     if not state.active or i >= len(state.graphs):
         return type(layer).forward(layer, hidden_states, *args, **kwargs)
     g = state.graphs[i]
