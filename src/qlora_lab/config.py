@@ -96,6 +96,11 @@ class TrainConfig:
     gradient_checkpointing: Union[str, bool] = _f(
         "auto", "recompute activations: true saves memory, false is faster; auto decides from the memory budget",
         choices=("auto", True, False))
+    offload_checkpoints: Union[str, bool] = _f(
+        "auto", "recomputed layers keep their input in pinned CPU memory until the backward (kernels/recompute.py): "
+        "2 x hidden bytes per token and layer less GPU memory (1 GiB for a 7B at 4,096 tokens), copies hidden behind "
+        "the matmuls, layers run eagerly (no layer graphs); auto = where the plan finds it fastest within the budget; "
+        "one GPU only", choices=("auto", True, False))
     kernels: str = _f("auto", "fused Triton kernels (Liger) on CUDA: auto = where supported", choices=("auto", "liger", "none"))
     fused_lora: Union[str, bool] = _f(
         "auto", "one autograd function per LoRA layer (dequantize + matmul + adapter) instead of peft's module "
@@ -103,6 +108,10 @@ class TrainConfig:
     group_lora: bool = _f(
         True, "with fused_lora: LoRA layers that share an input (q/k/v, gate/up) as one autograd function "
         "(kernels/grouped_lora.py; same maths, one autograd node and input gradient per group; 11% faster alone on an H200)")
+    fused_mlp: bool = _f(
+        True, "with fused_lora: each MLP block (Llama's SwiGLU, Falcon's GELU) as one autograd function that does "
+        "not keep the activation's output (kernels/lora_mlp.py): one MLP-width vector per token and layer less "
+        "(2.7 GiB for Llama-2-7B at 4,096 tokens), and a recomputed block skips its last matmul")
     optimizer_sync: str = _f(
         "per-step", "bitsandbytes optimizers: wait for the GPU after each parameter's update (per-parameter, "
         "bitsandbytes' own) or once per step (per-step: same kernels in the same order, 447 fewer device syncs "

@@ -7,6 +7,8 @@ shows up next to the measured peak in train_summary.json. Pure arithmetic on a m
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 GiB = 1024**3
 
 # Headroom (GiB) for the allocator's fragmentation, cuBLAS workspaces and the optimizer's temporaries.
@@ -20,6 +22,10 @@ MICRO_BATCH_OVERHEAD_TOKENS = 3000
 # Recomputing a frozen-base layer costs half again its forward+backward (the backward of a frozen
 # weight is one matmul, like the forward): every layer recomputed = +50% matmul work.
 RECOMPUTE_COST = 0.5
+# A recomputed layer whose input waits in CPU memory (kernels/recompute.py) runs eagerly (layer graphs stand
+# aside) and copies its input out and back: priced at this fraction of the step more, so the plan offloads
+# only where that buys a fit or lets enough layers keep their activations.
+OFFLOAD_COST = 0.10
 
 
 def _shape(mc) -> dict:
@@ -69,7 +75,8 @@ def weights_gib(mc, bits, dtype_bytes: int = 2) -> float:
 
 
 def activation_bytes_per_token(model_config, recomputed: bool, seq_len: int = 0,
-                               fused_attention: bool = True, fused_lora: bool = False) -> float:
+                               fused_attention: bool = True, fused_lora: bool = False,
+                               fused_mlp: bool = False, offloaded: bool = False) -> float:
     """Saved activations per token for a LoRA backward (16-bit activations, LoRA on every linear),
     with every layer recomputed (`recomputed`) or none.
 
@@ -77,32 +84,37 @@ def activation_bytes_per_token(model_config, recomputed: bool, seq_len: int = 0,
     mask, the attention inputs and output, the MLP's intermediates: 13 hidden-size (Falcon's parallel
     block: 9) and 3.6 MLP-width 16-bit vectors, fitted to the H100 peaks at 8x512 (bench runs 1 and 3). Falcon's
     attention without our fix stores its T x T scores (SDPA math kernel): 4 x heads x T bytes more.
-    With recomputation only the layer's input (one hidden vector) stays. The fused LoRA layer
-    (kernels/fused_lora.py) keeps a shared input once where peft keeps a dropped-out copy per layer,
-    and no dropout mask (its backward draws the mask again). (The fits above were made with peft's
-    1-byte masks at lora_dropout 0.05.)
+    With recomputation only the layer's input (one hidden vector) stays, and with `offloaded` not even
+    that (it waits in CPU memory). The fused LoRA layer (kernels/fused_lora.py) keeps a shared input once
+    where peft keeps a dropped-out copy per layer, and no dropout mask (its backward draws the mask again).
+    (The fits above were made with peft's 1-byte masks at lora_dropout 0.05.) The fused MLP
+    (kernels/lora_mlp.py) does not keep the activation's output, the down projection's input: one MLP-width
+    vector less.
     """
     s = _shape(model_config)
     if recomputed:
-        per_layer = 2 * s["h"]
+        per_layer = 0 if offloaded else 2 * s["h"]
     else:
         per_layer = 2 * (s["hidden_vectors"] * s["h"] + 3.6 * s["m"])
         if model_config.model_type == "falcon" and not fused_attention:
             per_layer += 4 * model_config.num_attention_heads * seq_len
         if fused_lora:
             per_layer -= s["shared_saving"] + s["mask_bytes"]
+            if fused_mlp:
+                per_layer -= 2 * s["m"]
     return s["layers"] * per_layer
 
 
 def estimate_peak_gib(mc, bits, tokens: int, recompute_layers: int, lora_r: int = 64,
                       fused_ce: bool = True, dtype_bytes: int = 2, seq_len: int = 0,
-                      fused_lora: bool = False) -> float:
+                      fused_lora: bool = False, fused_mlp: bool = False, offload: bool = False) -> float:
     """Peak GPU memory (GiB) of one training step with `tokens` per micro-batch and the first
-    `recompute_layers` decoder layers recomputed (fused_ce: our kernels)."""
+    `recompute_layers` decoder layers recomputed (fused_ce: our kernels; offload: their inputs in CPU memory)."""
     s = _shape(mc)
     n = s["layers"]
-    full = activation_bytes_per_token(mc, False, seq_len, fused_attention=fused_ce, fused_lora=fused_lora) / n
-    ckpt = activation_bytes_per_token(mc, True) / n
+    full = activation_bytes_per_token(mc, False, seq_len, fused_attention=fused_ce, fused_lora=fused_lora,
+                                      fused_mlp=fused_mlp) / n
+    ckpt = activation_bytes_per_token(mc, True, offloaded=offload) / n
     k = max(0, min(n, recompute_layers))
     act = tokens * ((n - k) * full + k * ckpt + (full if k else 0))  # + one layer re-materialized
     lora_states = param_counts(mc, lora_r)["lora"] * 16  # fp32 weight, grad, two Adam moments
@@ -110,28 +122,45 @@ def estimate_peak_gib(mc, bits, tokens: int, recompute_layers: int, lora_r: int 
     return weights_gib(mc, bits, dtype_bytes) + (act + lora_states + logits) / GiB + SLACK_GIB
 
 
+class Fit(NamedTuple):
+    micro_batch: int
+    recompute_layers: int
+    est_peak_gib: float
+    why: str
+    offload: bool = False  # the recomputed layers keep their inputs in CPU memory
+
+
 def fastest_fit(mc, bits, seq_len: int, global_batch: int, budget_gib: float, lora_r: int = 64,
-                fused_ce: bool = True, fused_lora: bool = False) -> tuple[int, int, float, str]:
-    """(micro_batch, recompute_layers, est_peak_gib, why): the fastest split that fits the budget.
+                fused_ce: bool = True, fused_lora: bool = False, fused_mlp: bool = False,
+                offload: str | bool = False) -> Fit:
+    """The fastest (micro-batch, recomputed layers, offloaded or not) split that fits the budget.
 
     Cost model in tokens of compute: tokens x (1 + 0.5 x fraction of layers recomputed) plus a fixed
-    overhead per micro-batch. Recomputation costs more than splitting the batch, until micro-batches
-    get so small that the fixed overhead dominates.
+    overhead per micro-batch, x (1 + OFFLOAD_COST) where the recomputed layers are offloaded. Recomputation
+    costs more than splitting the batch, until micro-batches get so small that the fixed overhead dominates.
+    offload: False (never), True (always, where a layer is recomputed) or "auto" (where it is fastest).
     """
     n = _shape(mc)["layers"]
+    modes = {False: (False,), True: (True,), "auto": (False, True)}[offload]
     best = None
-    for micro in sorted((d for d in range(1, global_batch + 1) if global_batch % d == 0), reverse=True):
-        tokens = micro * seq_len
-        for k in range(n + 1):
-            est = estimate_peak_gib(mc, bits, tokens, k, lora_r, fused_ce, seq_len=seq_len, fused_lora=fused_lora)
-            if est <= BUDGET_FILL * budget_gib:
-                cost = global_batch * seq_len * (1 + RECOMPUTE_COST * k / n) + \
-                    (global_batch // micro) * MICRO_BATCH_OVERHEAD_TOKENS
-                if best is None or cost < best[0]:
-                    best = (cost, micro, k, est)
-                break
+    for off in modes:
+        for micro in sorted((d for d in range(1, global_batch + 1) if global_batch % d == 0), reverse=True):
+            tokens = micro * seq_len
+            for k in range(n + 1):
+                est = estimate_peak_gib(mc, bits, tokens, k, lora_r, fused_ce, seq_len=seq_len, fused_lora=fused_lora,
+                                        fused_mlp=fused_mlp, offload=off)
+                if est <= BUDGET_FILL * budget_gib:
+                    cost = (global_batch * seq_len * (1 + RECOMPUTE_COST * k / n) +
+                            (global_batch // micro) * MICRO_BATCH_OVERHEAD_TOKENS) * (1 + OFFLOAD_COST * (off and k > 0))
+                    if best is None or cost < best[0]:
+                        best = (cost, micro, k, est, off and k > 0)
+                    break
     if best is None:  # nothing fits: smallest micro-batch, everything recomputed; the run will say OOM
-        est = estimate_peak_gib(mc, bits, seq_len, n, lora_r, fused_ce, seq_len=seq_len, fused_lora=fused_lora)
-        return 1, n, est, f"nothing fits {budget_gib:.1f} GiB by the estimate (needs {est:.1f}); trying the smallest"
-    _, micro, k, est = best
-    return micro, k, est, f"est. peak {est:.1f} GiB of {budget_gib:.1f}"
+        off = modes[-1]
+        est = estimate_peak_gib(mc, bits, seq_len, n, lora_r, fused_ce, seq_len=seq_len, fused_lora=fused_lora,
+                                fused_mlp=fused_mlp, offload=off)
+        return Fit(1, n, est, f"nothing fits {budget_gib:.1f} GiB by the estimate (needs {est:.1f}); trying the "
+                   "smallest", off)
+    _, micro, k, est, off = best
+    return Fit(micro, k, est, f"est. peak {est:.1f} GiB of {budget_gib:.1f}" + (", inputs offloaded" if off else ""),
+               off)

@@ -136,17 +136,18 @@ def lora_targets(cfg, model) -> list[str] | str:
     return list(t)
 
 
-def add_lora(model, cfg, recompute_layers: int):
+def add_lora(model, cfg, recompute_layers: int, offload: bool = False):
     """Prepare for k-bit training (when 4-bit) and wrap with LoRA adapters. Returns the PeftModel.
 
     recompute_layers: how many decoder layers (from the first) recompute their activations, as the
     plan says (Plan.recompute_layers); the others keep them. 0 = none, the model's depth = all.
+    offload: the recomputed layers keep their input in CPU memory (Plan.offload_checkpoints).
     """
     from peft import LoraConfig, get_peft_model
 
     if cfg.is_qlora:
         _prepare_kbit(model, upcast_fp16=not fsdp_active())
-    set_recomputation(model, recompute_layers)
+    set_recomputation(model, recompute_layers, offload)
     model.config.use_cache = False
     targets = lora_targets(cfg, model)
     lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.lora_alpha, lora_dropout=cfg.lora.lora_dropout,
@@ -187,27 +188,37 @@ def _prepare_kbit(model, upcast_fp16: bool = True) -> None:
             p.data = p.data.to(torch.float32)
 
 
-def set_recomputation(model, recompute_layers: int) -> None:
-    """Recompute activations in the first `recompute_layers` decoder layers (0 = none, >= depth = all)."""
+def set_recomputation(model, recompute_layers: int, offload: bool = False) -> None:
+    """Recompute activations in the first `recompute_layers` decoder layers (0 = none, >= depth = all);
+    offload: those layers keep their input in pinned CPU memory until the backward (kernels/recompute.py)."""
+    import functools
+
+    from .kernels import recompute
+
     if isinstance(recompute_layers, bool) or not isinstance(recompute_layers, int):
         # True would read as 1 layer: the count is the only encoding (Plan.recompute_layers).
         raise TypeError(f"recompute_layers: a layer count, got {recompute_layers!r}")
     if recompute_layers <= 0:
         model.gradient_checkpointing_disable()
         return
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    _checkpoint_first_layers(model, recompute_layers)
+    # context_fn marks the recomputation, in which a fused MLP skips the matmul whose output is thrown away.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
+                                                                       "context_fn": recompute.context_fn})
+    for i, layer in enumerate(_checkpoint_first_layers(model, recompute_layers)):
+        if offload and layer.gradient_checkpointing:
+            layer._gradient_checkpointing_func = functools.partial(recompute.offloaded, slot=i)
     # Frozen embeddings give the checkpointed blocks inputs without grad: make them require it.
     model.enable_input_require_grads()
 
 
-def _checkpoint_first_layers(model, k: int) -> None:
-    """Keep recomputation on the first k decoder layers only (k >= depth: all of them)."""
+def _checkpoint_first_layers(model, k: int) -> list:
+    """Keep recomputation on the first k decoder layers only (k >= depth: all of them); returns the layers."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for i, layer in enumerate(layers):
         layer.gradient_checkpointing = i < k
+    return layers
 
 
 def _numel(p) -> int:

@@ -26,7 +26,7 @@ DEFAULT_FILL = 0.90
 # plan.json's keys, in their order (a file format users read; recomputation appears as two keys).
 PLAN_JSON_KEYS = ("device", "device_name", "compute_dtype", "mixed_precision", "gradient_checkpointing",
                   "kernels", "fused_lora", "optim", "per_device_train_batch_size", "gradient_accumulation_steps",
-                  "memory_budget_gib", "checkpoint_layers", "est_peak_gib", "reasons")
+                  "memory_budget_gib", "checkpoint_layers", "offload_checkpoints", "est_peak_gib", "reasons")
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ class Plan:
     gradient_accumulation_steps: int
     memory_budget_gib: float | None
     recompute_layers: int          # decoder layers (from the first) that recompute activations: 0 = none
+    offload_checkpoints: bool = False  # those layers keep their inputs in CPU memory (kernels/recompute.py)
     est_peak_gib: float | None = None
     reasons: list = field(default_factory=list)
 
@@ -75,14 +76,14 @@ def plan(cfg, model_config) -> Plan:
                                               world_size()))
     if fsdp_active():
         reasons.append(fsdp_words(cfg, dtype, world_size()))
-    k, micro, accum, est = take(_choose_recomputation(cfg, model_config, cuda, micro, accum, budget,
-                                                      kernels, fused_lora))
+    k, micro, accum, est, offload = take(_choose_recomputation(cfg, model_config, cuda, micro, accum, budget,
+                                                               kernels, fused_lora))
     optim = take(_choose_optimizer(t.optim, cuda))
     return Plan(device="cuda" if cuda else "cpu", device_name=gpu[0] if cuda else _cpu_name(),
                 compute_dtype=dtype, mixed_precision={"bfloat16": "bf16", "float16": "fp16"}.get(dtype) if cuda else None,
                 kernels=kernels, fused_lora=fused_lora, optim=optim, per_device_train_batch_size=micro,
                 gradient_accumulation_steps=accum, memory_budget_gib=round(budget, 2) if budget else None,
-                recompute_layers=k, est_peak_gib=round(est, 2) if est is not None else None, reasons=reasons)
+                recompute_layers=k, offload_checkpoints=offload, est_peak_gib=round(est, 2) if est is not None else None, reasons=reasons)
 
 
 # ----------------------------------------------------------------------------- the machine
@@ -198,30 +199,51 @@ def _choose_process_batch(micro: int, accum: int, world: int) -> tuple[tuple[int
 
 
 def _choose_recomputation(cfg, model_config, cuda: bool, micro: int, accum: int, budget: float | None,
-                          kernels: str, fused_lora: bool) -> tuple[tuple[int, int, int, float | None], str]:
-    """((recompute_layers, micro-batch, accumulation steps, est. peak GiB), why).
+                          kernels: str, fused_lora: bool) -> tuple[tuple[int, int, int, float | None, bool], str]:
+    """((recompute_layers, micro-batch, accumulation steps, est. peak GiB, offloaded), why).
 
-    auto on a GPU: the fastest split of the same global batch that fits the budget (memory.fastest_fit);
-    the plan owns the split, so an optimizer step sees the same sequences either way.
+    auto on a GPU: the fastest split of the same global batch that fits the budget (memory.fastest_fit),
+    with the recomputed layers' inputs in CPU memory where train.offload_checkpoints allows and that is
+    fastest; the plan owns the split, so an optimizer step sees the same sequences either way.
     """
-    requested = cfg.train.gradient_checkpointing
+    t = cfg.train
+    requested = t.gradient_checkpointing
     n = model_config.num_hidden_layers
     seq_len = cfg.data.max_length
+    fused_mlp = fused_lora and t.fused_mlp
+    offload, offload_why = _offload_allowed(t.offload_checkpoints, cuda)
     if requested == "auto":
         if not cuda:
-            return (0, micro, accum, None), "gradient_checkpointing=off: CPU/tiny model, memory is not the limit"
+            return (0, micro, accum, None, False), "gradient_checkpointing=off: CPU/tiny model, memory is not the limit"
         global_batch = micro * accum
-        micro, k, est, why = fastest_fit(model_config, cfg.quant.bits, seq_len, global_batch, budget,
-                                         lora_r=cfg.lora.r, fused_ce=kernels == "liger", fused_lora=fused_lora)
-        accum = global_batch // micro
-        return (k, micro, accum, est), (
-            f"gradient_checkpointing={_recompute_words(k, n)}, micro-batch {micro} x {accum} accumulation "
-            f"(global batch {global_batch} x {seq_len} tokens): {why}")
+        fit = fastest_fit(model_config, cfg.quant.bits, seq_len, global_batch, budget, lora_r=cfg.lora.r,
+                          fused_ce=kernels == "liger", fused_lora=fused_lora, fused_mlp=fused_mlp, offload=offload)
+        accum = global_batch // fit.micro_batch
+        return (fit.recompute_layers, fit.micro_batch, accum, fit.est_peak_gib, fit.offload), (
+            f"gradient_checkpointing={_recompute_words(fit.recompute_layers, n)}"
+            f"{', inputs offloaded to CPU' if fit.offload else ''}, micro-batch {fit.micro_batch} x {accum} "
+            f"accumulation (global batch {global_batch} x {seq_len} tokens): {fit.why}"
+            + (f"; {offload_why}" if offload_why else ""))
     k = n if requested else 0
+    off = bool(k) and offload is True
     est = estimate_peak_gib(model_config, cfg.quant.bits, micro * seq_len, k, cfg.lora.r, kernels == "liger",
-                            seq_len=seq_len, fused_lora=fused_lora) if cuda else None
-    return (k, micro, accum, est), (f"gradient_checkpointing={'on' if requested else 'off'}: set in config; "
-                                    f"micro-batch {micro} x {accum} accumulation as configured")
+                            seq_len=seq_len, fused_lora=fused_lora, fused_mlp=fused_mlp, offload=off) if cuda else None
+    return (k, micro, accum, est, off), (f"gradient_checkpointing={'on' if requested else 'off'}"
+                                         f"{', inputs offloaded to CPU' if off else ''}: set in config; "
+                                         f"micro-batch {micro} x {accum} accumulation as configured"
+                                         + (f"; {offload_why}" if offload_why and k else ""))
+
+
+def _offload_allowed(requested: str | bool, cuda: bool) -> tuple[str | bool, str | None]:
+    """(False | True | "auto", why not where it was asked for): offloaded checkpoints need one CUDA GPU."""
+    if requested is False:
+        return False, None
+    if not cuda:
+        return False, None if requested == "auto" else "offload_checkpoints=off: no CUDA (pinned memory, copy stream)"
+    if world_size() > 1 or fsdp_active():
+        return False, None if requested == "auto" else (
+            "offload_checkpoints=off: several processes (their gradient hooks expect torch's own checkpoint)")
+    return requested, None
 
 
 def _choose_optimizer(requested: str, cuda: bool) -> tuple[str, str | None]:

@@ -11,14 +11,14 @@ from qlora_lab.presets import model_config
 def test_h100_trains_7b_without_recomputation(preset):
     mc = model_config(preset)
     for seq_len, batch in [(512, 8), (2048, 2)]:
-        micro, k, est, _ = memory.fastest_fit(mc, 4, seq_len, batch, 0.9 * 79.2)
+        micro, k, est, *_ = memory.fastest_fit(mc, 4, seq_len, batch, 0.9 * 79.2)
         assert (micro, k) == (batch, 0) and est < 45  # measured peaks: 29.3 (Llama), 32.5 (Falcon) GiB
 
 
 @pytest.mark.parametrize("preset", ["llama2-7b", "falcon-7b"])
 def test_t4_budget_fits_by_recomputing(preset):
     mc = model_config(preset)
-    micro, k, est, _ = memory.fastest_fit(mc, 4, 512, 8, 15.0)
+    micro, k, est, *_ = memory.fastest_fit(mc, 4, 512, 8, 15.0)
     assert est <= 15.0 and 0 < k <= mc.num_hidden_layers and 8 % micro == 0
 
 
@@ -41,5 +41,18 @@ def test_estimates_grow_with_tokens_and_shrink_with_recomputation():
 
 def test_nothing_fits_gives_the_smallest_split_and_says_so():
     mc = model_config("llama2-7b")
-    micro, k, est, why = memory.fastest_fit(mc, None, 2048, 8, 4.0)  # 16-bit 7B weights alone are ~12.5 GiB
+    micro, k, est, why, _ = memory.fastest_fit(mc, None, 2048, 8, 4.0)  # 16-bit 7B weights alone are ~12.5 GiB
     assert (micro, k) == (1, mc.num_hidden_layers) and est > 4.0 and why.startswith("nothing fits 4.0 GiB")
+
+
+def test_the_fused_mlp_and_offloading_save_what_they_drop():
+    """The fused MLP drops one MLP-width 16-bit vector per token and layer; offloading drops the recomputed
+    layers' inputs (one hidden-size vector each)."""
+    mc = model_config("llama2-7b")
+    tokens, n, h, m = 4096, mc.num_hidden_layers, mc.hidden_size, mc.intermediate_size
+    plain = memory.estimate_peak_gib(mc, 4, tokens, 0, fused_lora=True)
+    fused = memory.estimate_peak_gib(mc, 4, tokens, 0, fused_lora=True, fused_mlp=True)
+    assert plain - fused == pytest.approx(tokens * n * 2 * m / memory.GiB)  # 2.69 GiB
+    kept = memory.estimate_peak_gib(mc, 4, tokens, n, fused_lora=True, fused_mlp=True)
+    off = memory.estimate_peak_gib(mc, 4, tokens, n, fused_lora=True, fused_mlp=True, offload=True)
+    assert kept - off == pytest.approx(tokens * n * 2 * h / memory.GiB)  # 1 GiB

@@ -35,8 +35,8 @@ def test_plan_json_keeps_its_keys():
     d = planner.plan(cfg, model_config("tiny-llama")).to_dict()
     assert list(d) == ["device", "device_name", "compute_dtype", "mixed_precision", "gradient_checkpointing",
                        "kernels", "fused_lora", "optim", "per_device_train_batch_size",
-                       "gradient_accumulation_steps", "memory_budget_gib", "checkpoint_layers", "est_peak_gib",
-                       "reasons"]
+                       "gradient_accumulation_steps", "memory_budget_gib", "checkpoint_layers", "offload_checkpoints",
+                       "est_peak_gib", "reasons"]
     assert d["gradient_checkpointing"] is True and d["checkpoint_layers"] == 2
     d = planner.plan(cfg.set("train.gradient_checkpointing=false"), model_config("tiny-llama")).to_dict()
     assert d["gradient_checkpointing"] is False and d["checkpoint_layers"] == 0
@@ -64,7 +64,7 @@ def test_every_choice_returns_its_value_and_reason(monkeypatch):
                                                    "(bf16 matmuls are emulated there)")
     assert choices["memory_budget"][0] == pytest.approx(0.9 * 79.2)
     assert choices["process_batch"][0] == (4, 2)
-    assert choices["recomputation"][0] == (0, 4, 4, None)
+    assert choices["recomputation"][0] == (0, 4, 4, None, False)
     assert choices["optimizer"][0] == "adamw_torch"
     # Nothing decided, nothing said: no budget on a CPU, one process, the optimizer as configured.
     assert planner._choose_memory_budget(None, None) == (None, None)
@@ -76,7 +76,7 @@ def test_every_choice_returns_its_value_and_reason(monkeypatch):
 def test_forced_recomputation_on_a_gpu_is_estimated(preset):
     cfg = load_config(CONFIGS / "tiny_llama_qlora.yaml", ["train.gradient_checkpointing=true", "data.max_length=512"])
     mc = model_config(preset)
-    (k, micro, accum, est), why = planner._choose_recomputation(cfg, mc, True, 8, 1, 72.0, "liger", True)
+    (k, micro, accum, est, offload), why = planner._choose_recomputation(cfg, mc, True, 8, 1, 72.0, "liger", True)
     assert (k, micro, accum) == (mc.num_hidden_layers, 8, 1) and 0 < est < 72.0
     assert why.startswith("gradient_checkpointing=on: set in config")
 
@@ -88,7 +88,7 @@ def test_auto_recomputation_on_a_gpu_takes_the_fastest_fit():
     cfg = load_config(CONFIGS / "tiny_llama_qlora.yaml", ["data.max_length=512", "lora.r=64",
                                                           "train.gradient_checkpointing=auto"])
     mc = model_config("llama2-7b")
-    (k, micro, accum, est), why = planner._choose_recomputation(cfg, mc, True, 8, 1, 15.0, "liger", False)
+    (k, micro, accum, est, offload), why = planner._choose_recomputation(cfg, mc, True, 8, 1, 15.0, "liger", False)
     assert (micro, k, est) == fastest_fit(mc, 4, 512, 8, 15.0, lora_r=64, fused_ce=True, fused_lora=False)[:3]
     assert 0 < k <= mc.num_hidden_layers and micro * accum == 8 and est <= 15.0
     assert why.startswith("gradient_checkpointing=") and f"micro-batch {micro} x {accum} accumulation" in why
@@ -149,3 +149,33 @@ def test_cli_train_refuses_uint8_under_fsdp_in_one_line_before_the_run_folder(tm
     assert lines[-1] == ("qlora-lab: error: --set: quant.bnb_4bit_quant_storage: uint8 cannot be sharded by FSDP "
                          "(ACCELERATE_USE_FSDP is set); allowed here: auto or the compute dtype"), lines
     assert not out.exists()
+
+
+def test_offloading_is_chosen_where_it_keeps_the_batch_whole():
+    """At a budget where every layer's input on the GPU forces smaller micro-batches, the plan (offload auto)
+    keeps the micro-batch whole with the inputs in CPU memory; where no layer recomputes it never offloads."""
+    cfg = load_config(CONFIGS / "tiny_llama_qlora.yaml", ["data.max_length=512", "lora.r=64",
+                                                          "train.gradient_checkpointing=auto"])
+    mc = model_config("llama2-7b")
+    (k, micro, _, est, offload), why = planner._choose_recomputation(cfg, mc, True, 8, 1, 9.0, "liger", True)
+    assert offload and micro == 8 and k > 0 and est <= 9.0 and "inputs offloaded to CPU" in why
+    never = cfg.set("train.offload_checkpoints=false")
+    (k2, micro2, _, _, offload2), _ = planner._choose_recomputation(never, mc, True, 8, 1, 9.0, "liger", True)
+    assert not offload2 and micro2 < 8  # the same budget without offloading splits the batch
+    (k3, _, _, _, offload3), _ = planner._choose_recomputation(cfg, mc, True, 8, 1, 72.0, "liger", True)
+    assert k3 == 0 and not offload3
+
+
+def test_offloading_needs_one_cuda_gpu(monkeypatch):
+    cfg = load_config(CONFIGS / "tiny_llama_qlora.yaml", ["train.gradient_checkpointing=true",
+                                                          "train.offload_checkpoints=true", "data.max_length=512"])
+    mc = model_config("llama2-7b")
+    (_, _, _, est_on, on), why = planner._choose_recomputation(cfg, mc, True, 8, 1, 72.0, "liger", True)
+    (_, _, _, est_off, _), _ = planner._choose_recomputation(cfg.set("train.offload_checkpoints=false"), mc, True,
+                                                              8, 1, 72.0, "liger", True)
+    assert on and est_on < est_off and "inputs offloaded to CPU" in why
+    (_, _, _, _, cpu), why = planner._choose_recomputation(cfg, mc, False, 8, 1, None, "none", True)
+    assert not cpu and "offload_checkpoints=off: no CUDA" in why
+    monkeypatch.setattr(planner, "world_size", lambda: 2)
+    (_, _, _, _, ddp), why = planner._choose_recomputation(cfg, mc, True, 8, 1, 72.0, "liger", True)
+    assert not ddp and "several processes" in why

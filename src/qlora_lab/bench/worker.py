@@ -167,7 +167,7 @@ def _train_ours(spec, label, overrides, shape, model, summary, emit):
     from transformers import set_seed
 
     from .. import training
-    from ..kernels import fused_lora, graphs, grouped_lora
+    from ..kernels import fused_lora, graphs, grouped_lora, lora_mlp
 
     trainer = None
     cfg = bench_config(spec["preset"], shape, spec["steps"], spec["memory_budget"], overrides)
@@ -182,7 +182,8 @@ def _train_ours(spec, label, overrides, shape, model, summary, emit):
             summary = run.read_json("model_summary.json") or {}  # written by rank 0 only
             emit("model", summary=summary, lora_init=_sync_init_lora(model, spec["init_lora"]))
         else:  # the loaded model, this run's plan: recompute all, some or no layers; fused LoRA or not
-            _apply_plan(model, plan, cfg.train.group_lora, cfg.train.nf4_kernel, cfg.train.cuda_graphs)
+            _apply_plan(model, plan, cfg.train.group_lora, cfg.train.nf4_kernel, cfg.train.cuda_graphs,
+                        cfg.train.fused_mlp)
             if (spec.get("launch") or {}).get("kind") != "fsdp":  # FSDP has wrapped (flattened) the LoRA weights
                 _sync_init_lora(model, spec["init_lora"])
         ds = Dataset.from_list(synthetic_examples(hf_config.vocab_size, shape, spec["steps"]))
@@ -197,6 +198,8 @@ def _train_ours(spec, label, overrides, shape, model, summary, emit):
                  f"micro {plan.per_device_train_batch_size}x{plan.gradient_accumulation_steps}"
                  + (f", budget {plan.memory_budget_gib:g} GiB" if cfg.train.memory_budget_gib else "")
                  + (", grouped q/k/v, gate/up" if grouped_lora.count(model) else "")
+                 + (", fused MLP" if lora_mlp.count(model) else "")
+                 + (", inputs offloaded" if plan.offload_checkpoints else "")
                  + (", 1 optimizer sync/step" if cfg.train.optimizer_sync == "per-step" else "")
                  + (", bitsandbytes dequant" if plan.fused_lora and not cfg.train.nf4_kernel else "")
                  + (f", layer graphs ({graphs.captures(model)} capture)" if graphs.count(model) else ""))
@@ -218,18 +221,21 @@ def _train_ours(spec, label, overrides, shape, model, summary, emit):
     return model, summary
 
 
-def _apply_plan(model, plan, group_lora: bool = False, nf4_kernel: bool = True, cuda_graphs: bool = False) -> None:
-    """Switch the runtime choices of a loaded PeftModel to `plan`: recomputation, fused (and grouped) LoRA,
-    the NF4 kernel, the layer graphs."""
-    from ..kernels import fused_lora, graphs, grouped_lora, nf4
+def _apply_plan(model, plan, group_lora: bool = False, nf4_kernel: bool = True, cuda_graphs: bool = False,
+                fused_mlp: bool = False) -> None:
+    """Switch the runtime choices of a loaded PeftModel to `plan`: recomputation (offloaded or not), fused (and
+    grouped) LoRA, the fused MLP, the NF4 kernel, the layer graphs."""
+    from ..kernels import fused_lora, graphs, grouped_lora, lora_mlp, nf4
     from ..model import set_recomputation
 
-    set_recomputation(model.get_base_model(), plan.recompute_layers)
+    set_recomputation(model.get_base_model(), plan.recompute_layers, plan.offload_checkpoints)
     if plan.fused_lora:
         fused_lora.enable(model)
         (grouped_lora.group if group_lora else grouped_lora.ungroup)(model)
+        (lora_mlp.enable if fused_mlp else lora_mlp.disable)(model)
         nf4.enable(nf4_kernel)
     else:
+        lora_mlp.disable(model)
         fused_lora.disable(model)
     graphs.disable(model)  # captured for the last run's plan, if any
     if plan.fused_lora and cuda_graphs:

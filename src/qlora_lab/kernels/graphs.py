@@ -65,6 +65,11 @@ def why_not(model, fp16: bool = False) -> str | None:
     layers = decoder_layers(model)
     if not layers:
         return "no decoder layers found"
+    from . import recompute
+
+    if any(getattr(getattr(l, "_gradient_checkpointing_func", None), "func", None) is recompute.offloaded and
+           l.gradient_checkpointing for l in layers):
+        return "offloaded checkpoints (their copies to and from CPU memory run between layers, outside a graph)"
     for layer in layers:
         for m in layer.modules():
             if hasattr(m, "lora_A") and len(m.lora_A) and not hasattr(m, fused_lora._ATTR):
@@ -220,6 +225,8 @@ class LayerGraphs:
 
         from torch.utils.checkpoint import checkpoint
 
+        from .recompute import context_fn
+
         t0 = time.perf_counter()
         self.drop()
         tensors = _tensors(list(kwargs.values()), [])
@@ -235,7 +242,8 @@ class LayerGraphs:
         def run(layer, h):
             fn = partial(_raw_forward(layer), layer, **kw)
             if getattr(layer, "gradient_checkpointing", False):
-                return checkpoint(fn, h, use_reentrant=False, preserve_rng_state=False)  # dropout.py: no generator
+                return checkpoint(fn, h, use_reentrant=False, preserve_rng_state=False,  # dropout.py: no generator
+                                  context_fn=context_fn)  # marks the recomputation (lora_mlp.py skips a matmul)
             return fn(h)
 
         def split(out):

@@ -1,0 +1,158 @@
+"""Recomputation (activation checkpointing): what a recomputed forward may skip, and where a layer's input waits.
+
+A recomputed decoder layer runs its forward a second time inside the backward, for the tensors its backward
+needs; the output of that second forward is thrown away. `context_fn` (torch.utils.checkpoint's hook, used by
+model.set_recomputation and graphs.py) marks that second forward, and `active()` lets a fused function skip
+work whose only product is that output: lora_mlp.py skips the down projection's base matmul, ~22% of a Llama
+layer's matmul work, so ~7% of a step with every layer recomputed.
+
+`offloaded(fn, x, slot=i)` checkpoints a layer with its input kept in pinned CPU memory instead of on the GPU
+(`train.offload_checkpoints`): the copy out starts on a side stream as the forward goes on, and the backward of
+layer i fetches layer i-1's input on that stream while it computes, so the copies hide behind the matmuls. The
+GPU then holds no activation at all for a recomputed layer (2 x hidden bytes a token less per layer: 1 GiB for
+a 7B at 4,096 tokens). It runs the layer as torch's reentrant checkpoint does (forward without a graph, then
+forward and backward again in the backward), with the RNG states and autocast of the first forward restored.
+tests/unit/kernels/test_recompute.py compares the loss and every adapter gradient with torch's checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+_depth = 0  # > 0 while a recomputation runs (the autograd engine's thread; forwards never overlap it)
+
+
+class _Recomputing:
+    def __enter__(self):
+        global _depth
+        _depth += 1
+
+    def __exit__(self, *exc):
+        global _depth
+        _depth -= 1
+
+
+def context_fn():
+    """(forward context, recomputation context) for torch.utils.checkpoint(..., context_fn=context_fn)."""
+    return contextlib.nullcontext(), _Recomputing()
+
+
+def active() -> bool:
+    """Whether the forward running now is a recomputation, whose output nobody reads."""
+    return _depth > 0
+
+
+# ----------------------------------------------------------------------------- offloaded checkpoints
+
+class _Stash:
+    """One pinned host buffer per layer slot, reused every step, and one copy stream for both directions."""
+
+    def __init__(self):
+        self.host: dict = {}      # slot -> pinned tensor
+        self.owner: dict = {}     # slot -> the forward (a token) whose input the buffer holds now
+        self.ready: dict = {}     # slot -> event: the copy out has finished
+        self.fetched: dict = {}   # slot -> (device tensor, event): copied back ahead of its backward
+        self.stream = None
+
+    def put(self, slot, x, token) -> None:
+        buf = self.host.get(slot)
+        if buf is None or buf.shape != x.shape or buf.dtype != x.dtype:
+            buf = self.host[slot] = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.is_cuda)
+        self.owner[slot] = token
+        self.fetched.pop(slot, None)
+        if not x.is_cuda:
+            buf.copy_(x)
+            return
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(x.device)
+        self.stream.wait_stream(torch.cuda.current_stream(x.device))  # x has been written
+        with torch.cuda.stream(self.stream):
+            buf.copy_(x, non_blocking=True)
+            self.ready[slot] = torch.cuda.Event()
+            self.ready[slot].record()
+        x.record_stream(self.stream)  # the allocator keeps x's memory until the copy has read it
+
+    def _fetch(self, slot, device):
+        buf = self.host[slot]
+        if device.type != "cuda":
+            return buf.clone(), None
+        current = torch.cuda.current_stream(device)
+        x = torch.empty(buf.shape, dtype=buf.dtype, device=device)  # allocated on the stream that will use it
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(self.ready[slot])
+            x.copy_(buf, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        x.record_stream(self.stream)
+        return x, done
+
+    def get(self, slot, token, device):
+        """The input saved for `token`, back on `device`; starts copying the previous slot's input too."""
+        if self.owner.get(slot) is not token:
+            raise RuntimeError(f"offloaded checkpoint: layer {slot} ran another training forward before this "
+                               "backward, so the input kept for it is gone (one backward per forward)")
+        x, done = self.fetched.pop(slot, None) or self._fetch(slot, device)
+        if done is not None:
+            torch.cuda.current_stream(device).wait_event(done)
+        prev = slot - 1
+        if prev in self.host and prev not in self.fetched and self.owner.get(prev) is not None:
+            self.fetched[prev] = self._fetch(prev, device)
+        self.owner[slot] = None
+        return x
+
+
+_stash = _Stash()
+
+
+def _rng_states(device):
+    cpu = torch.get_rng_state()
+    return cpu, (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+class _Offloaded(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, run, slot, x):
+        ctx.run, ctx.slot, ctx.token = run, slot, object()
+        ctx.rng = _rng_states(x.device)
+        ctx.autocast = (torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
+        _stash.put(slot, x, ctx.token)
+        with torch.no_grad():
+            return run(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        device = grad.device
+        x = _stash.get(ctx.slot, ctx.token, device).detach().requires_grad_(True)
+        cpu_rng, cuda_rng = ctx.rng
+        enabled, dtype = ctx.autocast
+        with torch.random.fork_rng(devices=[device] if cuda_rng is not None else [], device_type=device.type):
+            torch.set_rng_state(cpu_rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state(cuda_rng, device)
+            with torch.enable_grad(), torch.autocast(device.type, dtype=dtype, enabled=enabled), _Recomputing():
+                out = ctx.run(x)
+        torch.autograd.backward(out, grad)  # adapter gradients accumulate into their .grad (reentrant style)
+        return None, None, x.grad
+
+
+def offloaded(run, x, *args, slot: int):
+    """A checkpointed call of run(x, *args) whose input x waits in pinned CPU memory until the backward: the
+    signature of a decoder layer's `_gradient_checkpointing_func`, with the layer's index as `slot`. x must
+    require grad (model.set_recomputation makes the embeddings' output require it), else no gradient would
+    reach the layer's adapters."""
+    if torch.is_grad_enabled() and not x.requires_grad:
+        raise RuntimeError("offloaded checkpoint: the layer input does not require grad, so its adapters would "
+                           "get no gradient (call model.enable_input_require_grads())")
+    extra = []
+
+    def first(h):  # the hidden states; what else a layer returns (None in training) is handed back as it was
+        out = run(h, *args)
+        if isinstance(out, tuple):
+            extra[:] = [out[1:]]
+            return out[0]
+        return out
+
+    out = _Offloaded.apply(first, slot, x)
+    return (out, *extra[0]) if extra else out

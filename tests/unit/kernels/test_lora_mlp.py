@@ -1,0 +1,114 @@
+"""The LoRA MLP function (kernels/lora_mlp.py) trains what peft trains: loss and every adapter gradient, with
+and without dropout and recomputation, for Llama's SwiGLU and Falcon's GELU blocks (CPU: torch's SiLU-mul and
+GELU, float32; the GPU path with Liger's SwiGLU kernel is in tests/integration/test_gpu.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qlora_lab.kernels import fused_lora, grouped_lora, lora_mlp, recompute
+
+from .test_fused_lora import _loss_and_grads, _model, assert_same_step
+
+
+def _ours(name, *sets, checkpointing=False, mlp=True):
+    torch.manual_seed(0)
+    model = _model(name, *sets, checkpointing=checkpointing)
+    model.train()
+    assert fused_lora.enable(model) > 0
+    grouped_lora.group(model)
+    if mlp:
+        assert lora_mlp.enable(model) == model.config.num_hidden_layers
+    return model
+
+
+@pytest.mark.parametrize("name", ["tiny_llama_qlora", "tiny_falcon_qlora", "tiny_llama_lora"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_same_loss_and_gradients_as_peft_without_dropout(name, checkpointing):
+    x = torch.randint(4, 200, (2, 16))
+    torch.manual_seed(0)
+    ref_model = _model(name, "lora.lora_dropout=0.0", checkpointing=checkpointing)
+    ref_model.train()
+    ref_loss, ref = _loss_and_grads(ref_model, x)  # peft's own path
+    model = _ours(name, "lora.lora_dropout=0.0", checkpointing=checkpointing)
+    loss, got = _loss_and_grads(model, x)
+    assert_same_step(loss, got, ref_loss, ref)
+    down = "down_proj" if "llama" in name else "dense_4h_to_h"
+    assert any(g.abs().sum() > 0 for k, g in got.items() if f"{down}.lora_A" in k)
+
+
+@pytest.mark.parametrize("name", ["tiny_llama_qlora", "tiny_falcon_qlora"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_dropout_masks_as_the_layer_by_layer_path(name, checkpointing):
+    """With dropout each projection keeps its own mask, drawn in the order the layers draw them one by one."""
+    x = torch.randint(4, 200, (2, 16))
+    results = []
+    for mlp in (False, True):
+        model = _ours(name, "lora.lora_dropout=0.2", checkpointing=checkpointing, mlp=mlp)
+        torch.manual_seed(5)
+        results.append(_loss_and_grads(model, x))
+    (loss0, g0), (loss1, g1) = results
+    torch.testing.assert_close(loss1, loss0, rtol=1e-6, atol=1e-7)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-7, msg=k)
+
+
+def test_the_activation_output_is_not_saved():
+    """What the block keeps for its backward: the input, the up projections' outputs, small LoRA terms; not
+    the down projection's input (counted through saved-tensor hooks, which see everything autograd keeps)."""
+    def saved_bytes(mlp: bool) -> int:
+        model = _ours("tiny_llama_qlora", "lora.lora_dropout=0.0", mlp=mlp)
+        block = model.get_base_model().model.layers[0].mlp
+        x = torch.randn(2, 16, model.config.hidden_size, requires_grad=True)
+        seen = {}
+
+        def pack(t):
+            seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            block(x)
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        return sum(n for (ptr, _), n in seen.items() if ptr not in weights)
+    m = _ours("tiny_llama_qlora").config.intermediate_size
+    layer_by_layer, ours = saved_bytes(False), saved_bytes(True)
+    assert layer_by_layer - ours >= 2 * 16 * m * 4  # at least the (tokens x m) fp32 activation output
+
+
+def test_recomputation_skips_the_down_projection_but_not_its_gradients(monkeypatch):
+    """Inside a recomputation the block's output is not computed (its product is thrown away): the output
+    is left unwritten, and the gradients are those of an ordinary backward."""
+    model = _ours("tiny_llama_qlora", "lora.lora_dropout=0.0")
+    block = model.get_base_model().model.layers[0].mlp
+    x = torch.randn(2, 8, model.config.hidden_size)
+    calls = []
+    real = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    y = block(x)
+    n_normal = len(calls)
+    calls.clear()
+    with recompute.context_fn()[1]:
+        assert recompute.active()
+        block(x)
+    assert not recompute.active()
+    assert len(calls) < n_normal  # the down projection's base matmul is gone
+    assert y.abs().sum() > 0
+
+
+def test_falls_back_where_a_layer_would(tmp_path):
+    """Eval and no-grad forwards, and fused layers switched off, take the module's own forward: same output."""
+    model = _ours("tiny_llama_qlora", "lora.lora_dropout=0.0")
+    block = model.get_base_model().model.layers[0].mlp
+    x = torch.randn(1, 4, model.config.hidden_size)
+    with torch.no_grad():
+        eager = block(x)
+    fused_lora.disable(model)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), eager)
+    assert lora_mlp.disable(model) == model.config.num_hidden_layers and lora_mlp.count(model) == 0
+
+
+def test_an_mlp_with_another_activation_is_left_alone():
+    model = _ours("tiny_llama_qlora", mlp=False)
+    block = model.get_base_model().model.layers[0].mlp
+    block.act_fn = torch.nn.ReLU()
+    assert lora_mlp.enable(model) == model.config.num_hidden_layers - 1
