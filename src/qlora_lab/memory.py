@@ -25,7 +25,12 @@ RECOMPUTE_COST = 0.5
 # A recomputed layer whose input waits in CPU memory (kernels/recompute.py) runs eagerly (layer graphs stand
 # aside) and copies its input out and back: priced at this fraction of the step more, so the plan offloads
 # only where that buys a fit or lets enough layers keep their activations.
-OFFLOAD_COST = 0.10
+OFFLOAD_COST = 0.13  # measured: every layer recomputed, 10,021 tok/s with graphs, 8,850 offloaded (H200, run 13)
+# With layer graphs (kernels/graphs.py) and some layers recomputed, the graphs' pool holds the working memory of
+# the captured recomputations beside the saved activations: ~5 full layers' activations, measured on an H200
+# (Llama-2-7B shape, 4,096 tokens: 8.2 GiB with every layer recomputed against 6.2 eagerly; 14.0 allocated,
+# 16.1 reserved at 16 of 32 recomputed, where the eager estimate said 13.9: out of a 15 GiB budget; run 13).
+GRAPH_POOL_LAYERS = 5
 
 
 def _shape(mc) -> dict:
@@ -107,9 +112,11 @@ def activation_bytes_per_token(model_config, recomputed: bool, seq_len: int = 0,
 
 def estimate_peak_gib(mc, bits, tokens: int, recompute_layers: int, lora_r: int = 64,
                       fused_ce: bool = True, dtype_bytes: int = 2, seq_len: int = 0,
-                      fused_lora: bool = False, fused_mlp: bool = False, offload: bool = False) -> float:
+                      fused_lora: bool = False, fused_mlp: bool = False, offload: bool = False,
+                      graphs: bool = False) -> float:
     """Peak GPU memory (GiB) of one training step with `tokens` per micro-batch and the first
-    `recompute_layers` decoder layers recomputed (fused_ce: our kernels; offload: their inputs in CPU memory)."""
+    `recompute_layers` decoder layers recomputed (fused_ce: our kernels; offload: their inputs in CPU memory;
+    graphs: the layers replay from CUDA graphs, which stand aside where the inputs are offloaded)."""
     s = _shape(mc)
     n = s["layers"]
     full = activation_bytes_per_token(mc, False, seq_len, fused_attention=fused_ce, fused_lora=fused_lora,
@@ -117,6 +124,8 @@ def estimate_peak_gib(mc, bits, tokens: int, recompute_layers: int, lora_r: int 
     ckpt = activation_bytes_per_token(mc, True, offloaded=offload) / n
     k = max(0, min(n, recompute_layers))
     act = tokens * ((n - k) * full + k * ckpt + (full if k else 0))  # + one layer re-materialized
+    if graphs and k and not offload:
+        act += tokens * GRAPH_POOL_LAYERS * full
     lora_states = param_counts(mc, lora_r)["lora"] * 16  # fp32 weight, grad, two Adam moments
     logits = 0.25 * GiB if fused_ce else tokens * s["vocab"] * 10  # fp32 logits, their grad, bf16 copy
     return weights_gib(mc, bits, dtype_bytes) + (act + lora_states + logits) / GiB + SLACK_GIB
@@ -132,7 +141,7 @@ class Fit(NamedTuple):
 
 def fastest_fit(mc, bits, seq_len: int, global_batch: int, budget_gib: float, lora_r: int = 64,
                 fused_ce: bool = True, fused_lora: bool = False, fused_mlp: bool = False,
-                offload: str | bool = False) -> Fit:
+                offload: str | bool = False, graphs: bool = False) -> Fit:
     """The fastest (micro-batch, recomputed layers, offloaded or not) split that fits the budget.
 
     Cost model in tokens of compute: tokens x (1 + 0.5 x fraction of layers recomputed) plus a fixed
@@ -148,7 +157,7 @@ def fastest_fit(mc, bits, seq_len: int, global_batch: int, budget_gib: float, lo
             tokens = micro * seq_len
             for k in range(n + 1):
                 est = estimate_peak_gib(mc, bits, tokens, k, lora_r, fused_ce, seq_len=seq_len, fused_lora=fused_lora,
-                                        fused_mlp=fused_mlp, offload=off)
+                                        fused_mlp=fused_mlp, offload=off, graphs=graphs)
                 if est <= BUDGET_FILL * budget_gib:
                     cost = (global_batch * seq_len * (1 + RECOMPUTE_COST * k / n) +
                             (global_batch // micro) * MICRO_BATCH_OVERHEAD_TOKENS) * (1 + OFFLOAD_COST * (off and k > 0))
@@ -158,7 +167,7 @@ def fastest_fit(mc, bits, seq_len: int, global_batch: int, budget_gib: float, lo
     if best is None:  # nothing fits: smallest micro-batch, everything recomputed; the run will say OOM
         off = modes[-1]
         est = estimate_peak_gib(mc, bits, seq_len, n, lora_r, fused_ce, seq_len=seq_len, fused_lora=fused_lora,
-                                fused_mlp=fused_mlp, offload=off)
+                                fused_mlp=fused_mlp, offload=off, graphs=graphs)
         return Fit(1, n, est, f"nothing fits {budget_gib:.1f} GiB by the estimate (needs {est:.1f}); trying the "
                    "smallest", off)
     _, micro, k, est, off = best

@@ -77,7 +77,7 @@ def plan(cfg, model_config) -> Plan:
     if fsdp_active():
         reasons.append(fsdp_words(cfg, dtype, world_size()))
     k, micro, accum, est, offload = take(_choose_recomputation(cfg, model_config, cuda, micro, accum, budget,
-                                                               kernels, fused_lora))
+                                                               kernels, fused_lora, dtype))
     optim = take(_choose_optimizer(t.optim, cuda))
     return Plan(device="cuda" if cuda else "cpu", device_name=gpu[0] if cuda else _cpu_name(),
                 compute_dtype=dtype, mixed_precision={"bfloat16": "bf16", "float16": "fp16"}.get(dtype) if cuda else None,
@@ -199,7 +199,8 @@ def _choose_process_batch(micro: int, accum: int, world: int) -> tuple[tuple[int
 
 
 def _choose_recomputation(cfg, model_config, cuda: bool, micro: int, accum: int, budget: float | None,
-                          kernels: str, fused_lora: bool) -> tuple[tuple[int, int, int, float | None, bool], str]:
+                          kernels: str, fused_lora: bool,
+                          compute_dtype: str = "bfloat16") -> tuple[tuple[int, int, int, float | None, bool], str]:
     """((recompute_layers, micro-batch, accumulation steps, est. peak GiB, offloaded), why).
 
     auto on a GPU: the fastest split of the same global batch that fits the budget (memory.fastest_fit),
@@ -212,12 +213,14 @@ def _choose_recomputation(cfg, model_config, cuda: bool, micro: int, accum: int,
     seq_len = cfg.data.max_length
     fused_mlp = fused_lora and t.fused_mlp
     offload, offload_why = _offload_allowed(t.offload_checkpoints, cuda)
+    graphs = _graphs_expected(cfg, model_config, fused_lora, compute_dtype)
     if requested == "auto":
         if not cuda:
             return (0, micro, accum, None, False), "gradient_checkpointing=off: CPU/tiny model, memory is not the limit"
         global_batch = micro * accum
         fit = fastest_fit(model_config, cfg.quant.bits, seq_len, global_batch, budget, lora_r=cfg.lora.r,
-                          fused_ce=kernels == "liger", fused_lora=fused_lora, fused_mlp=fused_mlp, offload=offload)
+                          fused_ce=kernels == "liger", fused_lora=fused_lora, fused_mlp=fused_mlp, offload=offload,
+                          graphs=graphs)
         accum = global_batch // fit.micro_batch
         return (fit.recompute_layers, fit.micro_batch, accum, fit.est_peak_gib, fit.offload), (
             f"gradient_checkpointing={_recompute_words(fit.recompute_layers, n)}"
@@ -227,11 +230,21 @@ def _choose_recomputation(cfg, model_config, cuda: bool, micro: int, accum: int,
     k = n if requested else 0
     off = bool(k) and offload is True
     est = estimate_peak_gib(model_config, cfg.quant.bits, micro * seq_len, k, cfg.lora.r, kernels == "liger",
-                            seq_len=seq_len, fused_lora=fused_lora, fused_mlp=fused_mlp, offload=off) if cuda else None
+                            seq_len=seq_len, fused_lora=fused_lora, fused_mlp=fused_mlp, offload=off,
+                            graphs=graphs) if cuda else None
     return (k, micro, accum, est, off), (f"gradient_checkpointing={'on' if requested else 'off'}"
                                          f"{', inputs offloaded to CPU' if off else ''}: set in config; "
                                          f"micro-batch {micro} x {accum} accumulation as configured"
                                          + (f"; {offload_why}" if offload_why and k else ""))
+
+
+def _graphs_expected(cfg, model_config, fused_lora: bool, compute_dtype: str) -> bool:
+    """Whether the layers will replay from CUDA graphs (kernels/graphs.py decides at load; this is its rule on
+    what the plan knows), whose pool the memory estimate counts."""
+    from .kernels.graphs import VERIFIED
+
+    return bool(cfg.train.cuda_graphs and fused_lora and compute_dtype != "float16" and world_size() == 1
+                and getattr(model_config, "model_type", None) in VERIFIED)
 
 
 def _offload_allowed(requested: str | bool, cuda: bool) -> tuple[str | bool, str | None]:

@@ -91,20 +91,28 @@ def test_grouped_lora_trains_as_the_ungrouped_layers_in_bf16_on_the_gpu():
         assert (g1[k] - g0[k]).norm() <= 2e-2 * g0[k].norm() + 1e-6, k
 
 
-def _graph_steps(graphed: bool, dropout: float, checkpointing: bool, micro: int = 1, name: str = "tiny_llama_qlora"):
-    """Four SGD steps of a tiny 4-bit model (fused, grouped LoRA, Liger, bf16 autocast): the losses and every
-    adapter gradient, with the layers replayed from CUDA graphs or run eagerly."""
+def _graph_steps(graphed: bool, dropout: float, checkpointing: bool, micro: int = 1, name: str = "tiny_llama_qlora",
+                 mlp: bool = True, offload: bool = False):
+    """Four SGD steps of a tiny 4-bit model (fused, grouped LoRA, the fused MLP unless `mlp` is False, Liger,
+    bf16 autocast): the losses and every adapter gradient, with the layers replayed from CUDA graphs or run
+    eagerly; `offload`: every layer recomputed with its input in pinned CPU memory."""
     import torch
 
-    from qlora_lab.kernels import fused_lora, graphs, grouped_lora
+    from qlora_lab.kernels import fused_lora, graphs, grouped_lora, lora_mlp
+    from qlora_lab.model import set_recomputation
 
     from ..unit.kernels.test_fused_lora import _model
 
     torch.manual_seed(0)
     model = _model(name, f"lora.lora_dropout={dropout}", checkpointing=checkpointing, liger=True)
+    if offload:
+        set_recomputation(model.get_base_model(), model.config.num_hidden_layers, offload=True)
+        assert graphs.why_not(model).startswith("offloaded checkpoints")
     model.train()
     fused_lora.enable(model)
     grouped_lora.group(model)
+    if mlp:
+        assert lora_mlp.enable(model) == model.config.num_hidden_layers
     if graphed:
         assert graphs.enable(model) == model.config.num_hidden_layers
     params = [p for p in model.parameters() if p.requires_grad]
@@ -168,3 +176,30 @@ def test_nf4_kernel_gives_bitsandbytes_cuda_numbers(dtype):
         assert torch.equal(nf4.dequantize(q, qs, dt), want)
         assert torch.equal(buffer[1:-1], want), (shape, nested, (buffer[1:-1] != want).sum().item())
         assert buffer[0].eq(7).all() and buffer[-1].eq(7).all()
+
+
+@pytest.mark.parametrize("name", ["tiny_llama_qlora", "tiny_falcon_qlora"])
+@pytest.mark.parametrize("dropout,checkpointing", [(0.0, False), (0.1, False), (0.1, True)])
+def test_lora_mlp_trains_as_the_layer_by_layer_path_on_the_gpu(name, dropout, checkpointing):
+    """kernels/lora_mlp.py on CUDA in bf16 with Liger (Llama: Liger's SwiGLU kernels, whose backward writes over
+    the saved gate and up; Falcon: GELU), dropout masks from kernels/dropout.py, and a recomputed block that skips
+    its down matmul: four steps' losses and every adapter gradient as the layer-by-layer fused path's."""
+    ref = _graph_steps(False, dropout, checkpointing, name=name, mlp=False)
+    got = _graph_steps(False, dropout, checkpointing, name=name, mlp=True)
+    for step, ((l0, g0), (l1, g1)) in enumerate(zip(ref, got)):
+        assert l1 == pytest.approx(l0, rel=1e-2), (step, l0, l1)
+        for k in g0:
+            assert (g1[k] - g0[k]).norm() <= 2e-2 * g0[k].norm() + 1e-6, (step, k)
+
+
+@pytest.mark.parametrize("name", ["tiny_llama_qlora", "tiny_falcon_qlora"])
+def test_offloaded_checkpoints_train_as_torch_checkpoint_on_the_gpu(name):
+    """kernels/recompute.py on CUDA: pinned host buffers, the copy stream and the prefetch of the previous
+    layer's input, two micro-batches: the losses and every adapter gradient of torch's checkpoint."""
+    ref = _graph_steps(False, 0.1, True, micro=2, name=name)
+    got = _graph_steps(False, 0.1, True, micro=2, name=name, offload=True)
+    for step, ((l0, g0), (l1, g1)) in enumerate(zip(ref, got)):
+        assert l1 == pytest.approx(l0, rel=2e-3), (step, l0, l1)
+        for k in g0:
+            assert (g1[k] - g0[k]).norm() <= 1e-2 * g0[k].norm() + 1e-6, (step, k)
+

@@ -171,12 +171,17 @@ def _mlp_forward(self, x, *args, **kwargs):
 
 
 def _kind(module) -> str | None:
-    """'swiglu' or 'gelu' where the module is such an MLP over fused LoRA layers, else None."""
+    """'swiglu' or 'gelu' where the module is such an MLP over fused LoRA layers, else None. Its activation is
+    evaluated; a Liger SwiGLU MLP (which Liger puts in place of LlamaMLP for models built after it patched the
+    class, with no activation module of its own) is known by its config's hidden_act."""
     for kind, (up0, up1, down, act) in SHAPES.items():
         names = [n for n in (up0, up1, down) if n]
         if not all(hasattr(getattr(module, n, None), _ATTR) for n in names):
             continue
         fn = getattr(module, act, None)
+        if fn is None and kind == "swiglu":
+            hidden_act = getattr(getattr(module, "config", None), "hidden_act", None)
+            return kind if hidden_act in ("silu", "swish") and type(module).__name__.startswith("Liger") else None
         if not callable(fn):
             return None
         t = torch.linspace(-4, 4, 33)

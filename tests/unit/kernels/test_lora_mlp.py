@@ -112,3 +112,15 @@ def test_an_mlp_with_another_activation_is_left_alone():
     block = model.get_base_model().model.layers[0].mlp
     block.act_fn = torch.nn.ReLU()
     assert lora_mlp.enable(model) == model.config.num_hidden_layers - 1
+
+
+def test_a_liger_swiglu_mlp_is_recognised_by_its_config():
+    """Liger replaces transformers' LlamaMLP class, so a model built after it holds LigerSwiGLUMLP blocks, which
+    have no activation module: recognised by hidden_act (silu), refused for another activation."""
+    model = _ours("tiny_llama_qlora", mlp=False)
+    block = model.get_base_model().model.layers[0].mlp
+    del block.act_fn
+    block.__class__ = type("LigerSwiGLUMLP", (type(block),), {})
+    assert lora_mlp._kind(block) == "swiglu"
+    block.config = type("Config", (), {"hidden_act": "gelu"})()
+    assert lora_mlp._kind(block) is None
