@@ -107,7 +107,7 @@ def _graph_steps(graphed: bool, dropout: float, checkpointing: bool, micro: int 
     model = _model(name, f"lora.lora_dropout={dropout}", checkpointing=checkpointing, liger=True)
     if offload:
         set_recomputation(model.get_base_model(), model.config.num_hidden_layers, offload=True)
-        assert graphs.why_not(model).startswith("offloaded checkpoints")
+        assert graphs.why_not(model).startswith(("offloaded checkpoints", "model_type 'falcon'"))
     model.train()
     fused_lora.enable(model)
     grouped_lora.group(model)

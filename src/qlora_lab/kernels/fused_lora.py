@@ -35,7 +35,7 @@ import types
 import torch
 
 from ..quant import is_4bit
-from . import dropout
+from . import dropout, recompute
 
 _ATTR = "_qlora_lab_fused_lora"
 SALT = "_qlora_lab_lora_salt"        # the layer's index among the fused ones: its dropout stream (dropout.py)
@@ -176,7 +176,9 @@ def _compute_dtype(base, x):
 def route(layer, x):
     """LoRALinearFunction's arguments after x for this layer and input, or None where peft's own forward
     applies: eval, no grad (generation), merged or disabled adapters, several active adapters, DoRA, bias."""
-    if not (layer.training and torch.is_grad_enabled()) or layer.disable_adapters or layer.merged \
+    # An offloaded layer's first forward runs without grad (recompute.py) but must draw the training masks.
+    if not (layer.training and (torch.is_grad_enabled() or recompute.training_without_grad())) \
+            or layer.disable_adapters or layer.merged \
             or len(layer.active_adapters) != 1:
         return None
     name = layer.active_adapters[0]

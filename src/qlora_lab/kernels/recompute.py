@@ -21,6 +21,7 @@ import contextlib
 import torch
 
 _depth = 0  # > 0 while a recomputation runs (the autograd engine's thread; forwards never overlap it)
+_first = 0  # > 0 while an offloaded layer runs its first forward, without autograd but as training
 
 
 class _Recomputing:
@@ -41,6 +42,12 @@ def context_fn():
 def active() -> bool:
     """Whether the forward running now is a recomputation, whose output nobody reads."""
     return _depth > 0
+
+
+def training_without_grad() -> bool:
+    """Whether an offloaded layer's first forward runs now: no autograd graph, but the training arithmetic
+    (fused LoRA and its dropout masks), which the recomputation in the backward must repeat exactly."""
+    return _first > 0
 
 
 # ----------------------------------------------------------------------------- offloaded checkpoints
@@ -118,8 +125,13 @@ class _Offloaded(torch.autograd.Function):
         ctx.rng = _rng_states(x.device)
         ctx.autocast = (torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
         _stash.put(slot, x, ctx.token)
-        with torch.no_grad():
-            return run(x)
+        global _first
+        _first += 1
+        try:
+            with torch.no_grad():
+                return run(x)
+        finally:
+            _first -= 1
 
     @staticmethod
     def backward(ctx, grad):

@@ -75,3 +75,18 @@ def test_the_recomputation_is_marked():
     recompute.offloaded(layer, x, slot=0).sum().backward()
     assert seen == [False, True] and not recompute.active()
     torch.testing.assert_close(x.grad, torch.full((3,), 2.0))
+
+
+def test_the_first_forward_runs_the_training_arithmetic(monkeypatch):
+    """An offloaded layer's first forward runs without autograd, yet through the fused LoRA path (whose
+    dropout masks the recomputation draws again), not peft's module chain: on a GPU peft's dropout draws
+    from another generator, so the loss and the gradients would belong to different masks."""
+    from qlora_lab.kernels.lora_mlp import LoRAMLPFunction
+
+    calls = []
+    real = LoRAMLPFunction.forward
+    monkeypatch.setattr(LoRAMLPFunction, "forward", staticmethod(lambda ctx, *a: calls.append(1) or real(ctx, *a)))
+    model = _ours("tiny_llama_qlora", 0.1, True)
+    x = torch.randint(4, 200, (2, 16))
+    model(input_ids=x, labels=x).loss.backward()
+    assert len(calls) == 2 * model.config.num_hidden_layers  # the first forward and the recomputation
