@@ -25,7 +25,9 @@ RECOMPUTE_COST = 0.5
 # A recomputed layer whose input waits in CPU memory (kernels/recompute.py) runs eagerly (layer graphs stand
 # aside) and copies its input out and back: priced at this fraction of the step more, so the plan offloads
 # only where that buys a fit or lets enough layers keep their activations.
-OFFLOAD_COST = 0.13  # measured: every layer recomputed, 10,021 tok/s with graphs, 8,850 offloaded (H200, run 13)
+# Priced from run 13 (H200, every layer recomputed: 10,021 tok/s with graphs, 8,850 offloaded), an upper bound:
+# that run's offloaded first forward took peft's slower path (fixed since; assets/bench/README.md).
+OFFLOAD_COST = 0.13
 # With layer graphs (kernels/graphs.py) and some layers recomputed, the graphs' pool holds the working memory of
 # the captured recomputations beside the saved activations: ~5 full layers' activations, measured on an H200
 # (Llama-2-7B shape, 4,096 tokens: 8.2 GiB with every layer recomputed against 6.2 eagerly; 14.0 allocated,
