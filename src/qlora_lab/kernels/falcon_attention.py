@@ -4,8 +4,25 @@ transformers hands SDPA one K/V head for Falcon-7B's 71 query heads and a materi
 which only SDPA's math kernel accepts: it stores T x T scores per layer (out of memory at 2 x 2048 on an
 H100). Broadcasting K/V to every head (a view, no copy) and dropping a plain causal mask lets SDPA pick
 its fused kernel: the same attention, in a fraction of the memory.
+
+The heads are split by slicing: transformers picks Falcon-7B's K and V heads with a Python list index, a
+copy whose index tensor travels from the host on every call, which a CUDA graph cannot capture
+(graphs.py replays Falcon's layers only where SPLIT marks them).
 """
 from __future__ import annotations
+
+import types
+
+SPLIT = "_qlora_lab_split_heads"  # on a FalconAttention: its heads are split by split_heads below
+
+
+def split_heads(attention, fused_qkv):
+    """Falcon-7B's (multi-query) q, k, v from the fused projection's output: 71 query heads, then one K and
+    one V head broadcast to all 71; views of fused_qkv, the values transformers' _split_heads gives."""
+    batch, seq, _ = fused_qkv.shape
+    qkv = fused_qkv.view(batch, seq, attention.num_heads + 2, attention.head_dim)
+    q = qkv[..., :-2, :]
+    return q, qkv[..., -2:-1, :].expand_as(q), qkv[..., -1:, :].expand_as(q)
 
 
 def falcon_flash_attention(model) -> int:
@@ -19,14 +36,10 @@ def falcon_flash_attention(model) -> int:
     n = 0
     for m in model.modules():
         if isinstance(m, mf.FalconAttention) and m.multi_query and not m.new_decoder_architecture:
-            split = m._split_heads
-
-            def split_expanded(fused_qkv, _split=split):
-                q, k, v = _split(fused_qkv)
-                return q, k.expand_as(q), v.expand_as(q)
-
-            m._split_heads = split_expanded
-            m.num_kv_heads = m.num_heads
+            if not m.__dict__.get(SPLIT):
+                m._split_heads = types.MethodType(split_heads, m)
+                m.num_kv_heads = m.num_heads
+                m.__dict__[SPLIT] = True
             n += 1
     if n and not getattr(mf.create_causal_mask, "_qlora_lab", False):
         original = mf.create_causal_mask

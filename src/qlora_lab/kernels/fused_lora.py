@@ -135,26 +135,38 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x2, xa, weight, a, b = ctx.saved_tensors
-        dtype, scale, p = ctx.dtype, ctx.scale, ctx.p
-        g = _as(grad.reshape(-1, grad.shape[-1]), dtype)
-        xd, mask = redraw(x2, p, ctx.rng) if ctx.rng is not None else (x2, None)
-        ga = torch.addmm(xa, g, b, beta=0, alpha=scale)          # d loss / d x_a = s g B (xa: shape only)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            w = _dequantize(weight, ctx.quant_state, dtype)
-            dx = torch.mm(g, w)
-            del w
-            if ctx.rng is None:
-                dx.addmm_(ga, a)
-            else:
-                add_dropped_(dx, torch.mm(ga, a), p, ctx.rng, mask)
+        g = _as(grad.reshape(-1, grad.shape[-1]), ctx.dtype)
+        needs = ctx.needs_input_grad
+        dx, da, db = backward_2d(g, x2, xa, weight, ctx.quant_state, a, b, ctx.scale, ctx.p, ctx.rng, ctx.dtype,
+                                 needs[0], needs[4], needs[5])
+        if dx is not None:
             dx = _as(dx.view(ctx.x_shape), ctx.x_dtype)
-        da = db = None
-        if ctx.needs_input_grad[4]:
-            da = _as(torch.mm(ga.t(), xd), ctx.a_dtype)
-        if ctx.needs_input_grad[5]:
-            db = _as(torch.addmm(b, g.t(), xa, beta=0, alpha=scale), ctx.b_dtype)  # s g^T x_a (b: shape only)
+        da = _as(da, ctx.a_dtype) if da is not None else None
+        db = _as(db, ctx.b_dtype) if db is not None else None
         return dx, None, None, None, da, db, None, None, None, None
+
+
+def backward_2d(g, x2, xa, weight, quant_state, a, b, scale: float, p: float, rng, dtype,
+                need_dx: bool, need_da: bool, need_db: bool):
+    """(dx, dA, dB) of y = x W^T + s drop(x) A^T B^T for 2-D x and output gradient g, in the compute dtype (None
+    where not needed): xa = drop(x) A^T as the forward saved it, the mask drawn again from `rng` (None: no
+    dropout). LoRALinearFunction's backward, and the down projection's in lora_mlp.py."""
+    xd, mask = redraw(x2, p, rng) if rng is not None else (x2, None)
+    ga = torch.addmm(xa, g, b, beta=0, alpha=scale)          # d loss / d x_a = s g B (xa: shape only)
+    dx = da = db = None
+    if need_dx:
+        w = _dequantize(weight, quant_state, dtype)
+        dx = torch.mm(g, w)
+        del w
+        if rng is None:
+            dx.addmm_(ga, a)
+        else:
+            add_dropped_(dx, torch.mm(ga, a), p, rng, mask)
+    if need_da:
+        da = torch.mm(ga.t(), xd)
+    if need_db:
+        db = torch.addmm(b, g.t(), xa, beta=0, alpha=scale)  # s g^T x_a (b: shape only)
+    return dx, da, db
 
 
 def _quant_state(base):

@@ -45,7 +45,7 @@ def decoder_layers(model) -> list:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-VERIFIED = ("llama",)  # architectures whose layers capture (Falcon's attention indexes with a Python list: a host copy)
+VERIFIED = ("llama", "falcon")  # architectures whose layers test_gpu.py trains graphed against eager
 
 
 def why_not(model, fp16: bool = False) -> str | None:
@@ -57,6 +57,11 @@ def why_not(model, fp16: bool = False) -> str | None:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in VERIFIED:
         return f"model_type {model_type!r} is not verified under graph capture (verified: {', '.join(VERIFIED)})"
+    from .falcon_attention import SPLIT
+
+    if any(hasattr(m, "_split_heads") and not m.__dict__.get(SPLIT) for m in model.modules()):
+        return ("an attention whose heads transformers splits with a list index (a host copy per call; "
+                "kernels.liger.apply splits Falcon-7B's by slicing)")
     if fp16:
         return ("fp16 compute (a T4): its memory plan is measured without the graphs' pool, which holds one "
                 "layer's working memory on top")

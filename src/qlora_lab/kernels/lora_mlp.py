@@ -20,13 +20,14 @@ tests/unit/kernels/test_lora_mlp.py compares the loss and every adapter gradient
 """
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
 import torch.nn.functional as F
 
 from . import recompute
-from .fused_lora import _ATTR, _as, _dequantize, add_dropped_, drop, redraw, route
+from .fused_lora import _ATTR, _as, _dequantize, backward_2d, drop, route
 from .grouped_lora import GroupedLoRAFunction
 
 _ORIGINAL = "_qlora_lab_mlp_forward"
@@ -37,6 +38,7 @@ SHAPES = {"swiglu": ("gate_proj", "up_proj", "down_proj", "act_fn"),
 
 # ----------------------------------------------------------------------------- activations
 
+@functools.cache
 def _liger_swiglu():
     try:
         from liger_kernel.ops.swiglu import swiglu_backward, swiglu_forward
@@ -107,6 +109,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         del h, h2
         ctx.n_sub = len(sub.saved)
         ctx.save_for_backward(*sub.saved, *ups, xa, weight, a, b)
+        del sub.saved  # through save_for_backward only: a checkpoint (which drops what is saved) must free them
         ctx.sub, ctx.kind, ctx.n, ctx.dtype, ctx.down_meta = sub, kind, n, dtype, down_meta
         ctx.ab_dtypes = (lora_a.dtype, lora_b.dtype)
         ctx.done = False
@@ -125,19 +128,12 @@ class LoRAMLPFunction(torch.autograd.Function):
         quant_state, scale, p, _, out_features = ctx.down_meta
         h2 = _act_forward(ctx.kind, ups).view(-1, ups[0].shape[-1])  # computed again instead of stored
         g = _as(grad.reshape(-1, out_features), dtype)
-        xd, mask = redraw(h2, p, ctx.rng) if ctx.rng is not None else (h2, None)
-        ga = torch.addmm(xa, g, b, beta=0, alpha=scale)
-        w = _dequantize(weight, quant_state, dtype)
-        dh = torch.mm(g, w)
-        del w
-        if ctx.rng is None:
-            dh.addmm_(ga, a)
-        else:
-            add_dropped_(dh, torch.mm(ga, a), p, ctx.rng, mask)
         needs = ctx.needs_input_grad
-        da = _as(torch.mm(ga.t(), xd), ctx.ab_dtypes[0]) if needs[-2] else None
-        db = _as(torch.addmm(b, g.t(), xa, beta=0, alpha=scale), ctx.ab_dtypes[1]) if needs[-1] else None
-        del xd, h2, mask, ga
+        dh, da, db = backward_2d(g, h2, xa, weight, quant_state, a, b, scale, p, ctx.rng, dtype,
+                                 True, needs[-2], needs[-1])
+        da = _as(da, ctx.ab_dtypes[0]) if da is not None else None
+        db = _as(db, ctx.ab_dtypes[1]) if db is not None else None
+        del h2
         dups = _act_backward(ctx.kind, ups, dh.view(ups[0].shape))
         del dh
         sub.needs_input_grad = (needs[0], False, False, *needs[5:5 + 4 * n])

@@ -38,7 +38,13 @@ def test_graphs_decline_layers_they_cannot_replay_faithfully(monkeypatch):
     assert graphs.why_not(plain) is None
     assert graphs.why_not(plain, fp16=True).startswith("fp16 compute (a T4)")
     fused_lora.enable(falcon)
-    assert graphs.why_not(falcon).startswith("model_type 'falcon' is not verified")
+    assert graphs.why_not(falcon).startswith("an attention whose heads transformers splits with a list index")
+    from qlora_lab.kernels.falcon_attention import falcon_flash_attention
+
+    assert falcon_flash_attention(falcon) == falcon.config.num_hidden_layers
+    assert graphs.why_not(falcon) is None
+    monkeypatch.setattr(falcon.config, "model_type", "gpt2")
+    assert graphs.why_not(falcon).startswith("model_type 'gpt2' is not verified")
 
 
 def test_the_key_tells_apart_what_a_replay_cannot_see():
