@@ -33,6 +33,13 @@ OFFLOAD_COST = 0.13
 # (Llama-2-7B shape, 4,096 tokens: 8.2 GiB with every layer recomputed against 6.2 eagerly; 14.0 allocated,
 # 16.1 reserved at 16 of 32 recomputed, where the eager estimate said 13.9: out of a 15 GiB budget; run 13).
 GRAPH_POOL_LAYERS = 5
+# fp16 compute (a T4) keeps the embeddings, norms and head in fp32 (model._prepare_kbit): those weights take 4 bytes
+# a value, and the residual stream is fp32, so a recomputed layer's saved input takes 4 bytes a value and a kept
+# layer's two norm inputs 2 bytes more each. Without these terms run 15 (H200, fp16, 15 GiB budget) planned 16 of
+# 32 layers recomputed at an estimated 13.9 GiB and ran out of memory (13.8 allocated, 15.0 reserved). With them
+# the estimate is conservative by ~2.3 GiB against run 12 (20 of 32, without the fused MLP: 15.7 estimated, 13.4
+# allocated, 14.8 reserved): on a T4 running out of memory costs more than a few layers recomputed.
+FP32_RESIDUAL_VECTORS = 2
 
 
 def _shape(mc) -> dict:
@@ -83,7 +90,8 @@ def weights_gib(mc, bits, dtype_bytes: int = 2) -> float:
 
 def activation_bytes_per_token(model_config, recomputed: bool, seq_len: int = 0,
                                fused_attention: bool = True, fused_lora: bool = False,
-                               fused_mlp: bool = False, offloaded: bool = False) -> float:
+                               fused_mlp: bool = False, offloaded: bool = False,
+                               fp32_residual: bool = False) -> float:
     """Saved activations per token for a LoRA backward (16-bit activations, LoRA on every linear),
     with every layer recomputed (`recomputed`) or none.
 
@@ -96,11 +104,11 @@ def activation_bytes_per_token(model_config, recomputed: bool, seq_len: int = 0,
     where peft keeps a dropped-out copy per layer, and no dropout mask (its backward draws the mask again).
     (The fits above were made with peft's 1-byte masks at lora_dropout 0.05.) The fused MLP
     (kernels/lora_mlp.py) does not keep the activation's output, the down projection's input: one MLP-width
-    vector less.
+    vector less. `fp32_residual` (fp16 compute): the residual stream in fp32 (FP32_RESIDUAL_VECTORS).
     """
     s = _shape(model_config)
     if recomputed:
-        per_layer = 0 if offloaded else 2 * s["h"]
+        per_layer = 0 if offloaded else (4 if fp32_residual else 2) * s["h"]
     else:
         per_layer = 2 * (s["hidden_vectors"] * s["h"] + 3.6 * s["m"])
         if model_config.model_type == "falcon" and not fused_attention:
@@ -109,28 +117,33 @@ def activation_bytes_per_token(model_config, recomputed: bool, seq_len: int = 0,
             per_layer -= s["shared_saving"] + s["mask_bytes"]
             if fused_mlp:
                 per_layer -= 2 * s["m"]
+        if fp32_residual:
+            per_layer += 2 * FP32_RESIDUAL_VECTORS * s["h"]
     return s["layers"] * per_layer
 
 
 def estimate_peak_gib(mc, bits, tokens: int, recompute_layers: int, lora_r: int = 64,
                       fused_ce: bool = True, dtype_bytes: int = 2, seq_len: int = 0,
                       fused_lora: bool = False, fused_mlp: bool = False, offload: bool = False,
-                      graphs: bool = False) -> float:
+                      graphs: bool = False, fp16: bool = False) -> float:
     """Peak GPU memory (GiB) of one training step with `tokens` per micro-batch and the first
     `recompute_layers` decoder layers recomputed (fused_ce: our kernels; offload: their inputs in CPU memory;
-    graphs: the layers replay from CUDA graphs, which stand aside where the inputs are offloaded)."""
+    graphs: the layers replay from CUDA graphs, which stand aside where the inputs are offloaded; fp16: fp16
+    compute with fp32 embeddings, norms and head, as a T4 trains)."""
     s = _shape(mc)
     n = s["layers"]
     full = activation_bytes_per_token(mc, False, seq_len, fused_attention=fused_ce, fused_lora=fused_lora,
-                                      fused_mlp=fused_mlp) / n
-    ckpt = activation_bytes_per_token(mc, True, offloaded=offload) / n
+                                      fused_mlp=fused_mlp, fp32_residual=fp16) / n
+    ckpt = activation_bytes_per_token(mc, True, offloaded=offload, fp32_residual=fp16) / n
     k = max(0, min(n, recompute_layers))
     act = tokens * ((n - k) * full + k * ckpt + (full if k else 0))  # + one layer re-materialized
     if graphs and k and not offload:
         act += tokens * GRAPH_POOL_LAYERS * full
     lora_states = param_counts(mc, lora_r)["lora"] * 16  # fp32 weight, grad, two Adam moments
     logits = 0.25 * GiB if fused_ce else tokens * s["vocab"] * 10  # fp32 logits, their grad, bf16 copy
-    return weights_gib(mc, bits, dtype_bytes) + (act + lora_states + logits) / GiB + SLACK_GIB
+    p = param_counts(mc, lora_r)
+    fp32_extra = 2 * (p["embed"] + p["head_stored"]) if fp16 else 0  # embeddings and head kept in fp32
+    return weights_gib(mc, bits, dtype_bytes) + (act + lora_states + logits + fp32_extra) / GiB + SLACK_GIB
 
 
 class Fit(NamedTuple):
@@ -143,7 +156,7 @@ class Fit(NamedTuple):
 
 def fastest_fit(mc, bits, seq_len: int, global_batch: int, budget_gib: float, lora_r: int = 64,
                 fused_ce: bool = True, fused_lora: bool = False, fused_mlp: bool = False,
-                offload: str | bool = False, graphs: bool = False) -> Fit:
+                offload: str | bool = False, graphs: bool = False, fp16: bool = False) -> Fit:
     """The fastest (micro-batch, recomputed layers, offloaded or not) split that fits the budget.
 
     Cost model in tokens of compute: tokens x (1 + 0.5 x fraction of layers recomputed) plus a fixed
@@ -159,7 +172,7 @@ def fastest_fit(mc, bits, seq_len: int, global_batch: int, budget_gib: float, lo
             tokens = micro * seq_len
             for k in range(n + 1):
                 est = estimate_peak_gib(mc, bits, tokens, k, lora_r, fused_ce, seq_len=seq_len, fused_lora=fused_lora,
-                                        fused_mlp=fused_mlp, offload=off, graphs=graphs)
+                                        fused_mlp=fused_mlp, offload=off, graphs=graphs, fp16=fp16)
                 if est <= BUDGET_FILL * budget_gib:
                     cost = (global_batch * seq_len * (1 + RECOMPUTE_COST * k / n) +
                             (global_batch // micro) * MICRO_BATCH_OVERHEAD_TOKENS) * (1 + OFFLOAD_COST * (off and k > 0))
@@ -169,7 +182,7 @@ def fastest_fit(mc, bits, seq_len: int, global_batch: int, budget_gib: float, lo
     if best is None:  # nothing fits: smallest micro-batch, everything recomputed; the run will say OOM
         off = modes[-1]
         est = estimate_peak_gib(mc, bits, seq_len, n, lora_r, fused_ce, seq_len=seq_len, fused_lora=fused_lora,
-                                fused_mlp=fused_mlp, offload=off, graphs=graphs)
+                                fused_mlp=fused_mlp, offload=off, graphs=graphs, fp16=fp16)
         return Fit(1, n, est, f"nothing fits {budget_gib:.1f} GiB by the estimate (needs {est:.1f}); trying the "
                    "smallest", off)
     _, micro, k, est, off = best

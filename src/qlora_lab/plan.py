@@ -214,13 +214,14 @@ def _choose_recomputation(cfg, model_config, cuda: bool, micro: int, accum: int,
     fused_mlp = fused_lora and t.fused_mlp
     offload, offload_why = _offload_allowed(t.offload_checkpoints, cuda)
     graphs = _graphs_expected(cfg, model_config, fused_lora, compute_dtype)
+    fp32_norms = compute_dtype == "float16" and not fsdp_active()  # model._prepare_kbit's fp16 upcast
     if requested == "auto":
         if not cuda:
             return (0, micro, accum, None, False), "gradient_checkpointing=off: CPU/tiny model, memory is not the limit"
         global_batch = micro * accum
         fit = fastest_fit(model_config, cfg.quant.bits, seq_len, global_batch, budget, lora_r=cfg.lora.r,
                           fused_ce=kernels == "liger", fused_lora=fused_lora, fused_mlp=fused_mlp, offload=offload,
-                          graphs=graphs)
+                          graphs=graphs, fp16=fp32_norms)
         accum = global_batch // fit.micro_batch
         return (fit.recompute_layers, fit.micro_batch, accum, fit.est_peak_gib, fit.offload), (
             f"gradient_checkpointing={_recompute_words(fit.recompute_layers, n)}"
@@ -231,7 +232,7 @@ def _choose_recomputation(cfg, model_config, cuda: bool, micro: int, accum: int,
     off = bool(k) and offload is True
     est = estimate_peak_gib(model_config, cfg.quant.bits, micro * seq_len, k, cfg.lora.r, kernels == "liger",
                             seq_len=seq_len, fused_lora=fused_lora, fused_mlp=fused_mlp, offload=off,
-                            graphs=graphs) if cuda else None
+                            graphs=graphs, fp16=fp32_norms) if cuda else None
     return (k, micro, accum, est, off), (f"gradient_checkpointing={'on' if requested else 'off'}"
                                          f"{', inputs offloaded to CPU' if off else ''}: set in config; "
                                          f"micro-batch {micro} x {accum} accumulation as configured"

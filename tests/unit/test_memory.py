@@ -68,3 +68,21 @@ def test_the_15_gib_plan_leaves_room_for_the_graphs_pool():
     assert with_graphs.recompute_layers >= 20 and with_graphs.micro_batch == 8
     eager = memory.fastest_fit(mc, 4, 512, 8, 15.0, fused_lora=True, fused_mlp=True)
     assert eager.recompute_layers < with_graphs.recompute_layers
+
+
+def test_fp16_compute_prices_its_fp32_embeddings_head_and_residual_stream():
+    """A T4 (fp16 compute) keeps embeddings, norms and head in fp32. Run 15 (H200, fp16, 15 GiB) planned 16 of 32
+    layers recomputed without these terms and ran out of memory at 13.8 GiB allocated, 15.0 reserved; run 12
+    (20 of 32, no fused MLP) fit at 13.4 allocated: the estimate stays above both."""
+    mc = model_config("llama2-7b")
+    tokens, n, h = 4096, mc.num_hidden_layers, mc.hidden_size
+    p = memory.param_counts(mc)
+    bf16 = memory.estimate_peak_gib(mc, 4, tokens, n, fused_lora=True, fused_mlp=True)
+    fp16 = memory.estimate_peak_gib(mc, 4, tokens, n, fused_lora=True, fused_mlp=True, fp16=True)
+    # fp32 embeddings and head, every layer's saved input at 4 bytes, the re-materialized layer's two norm inputs
+    extra = 2 * (p["embed"] + p["head_stored"]) + tokens * n * 2 * h + tokens * 2 * memory.FP32_RESIDUAL_VECTORS * h
+    assert fp16 - bf16 == pytest.approx(extra / memory.GiB)
+    t4 = memory.fastest_fit(mc, 4, 512, 8, 15.0, fused_lora=True, fused_mlp=True, fp16=True)
+    assert t4.recompute_layers > 16 and t4.micro_batch == 8
+    assert memory.estimate_peak_gib(mc, 4, tokens, 16, fused_lora=True, fused_mlp=True, fp16=True) > 15.0
+    assert memory.estimate_peak_gib(mc, 4, tokens, 20, fused_lora=True, fp16=True) > 13.4
