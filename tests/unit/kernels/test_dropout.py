@@ -27,6 +27,12 @@ def check_in_interpreter() -> None:
     assert torch.equal(dropout.apply(x, p, salt=5), y), "the same (seed, layer) draws the same mask"
     other = dropout.apply(x, p, salt=6) != 0
     assert abs((other & kept).float().mean().item() - (1 - p) ** 2) < 0.03, "another layer: an independent mask"
+    # The four uniforms of one Philox draw mask the four quarters of a block: no quarter repeats another's mask.
+    quarters = dropout.apply(torch.ones(4 * dropout.BLOCK), p, salt=5).ne(0).view(4, 4, -1)  # blocks, quarters
+    for a, b in [(0, 1), (1, 2), (2, 3), (0, 3)]:
+        both = (quarters[:, a] & quarters[:, b]).float().mean().item()
+        assert abs(both - (1 - p) ** 2) < 0.04, (a, b, both)
+    assert not torch.equal(quarters[0], quarters[1]), "another block, another mask"
     g, acc = torch.randn_like(x), torch.randn_like(x)
     want = acc + torch.where(kept, g * scale, torch.zeros_like(g))
     assert torch.allclose(dropout.add_masked_(acc.clone(), g, p, salt=5), want, rtol=0, atol=1e-6)
