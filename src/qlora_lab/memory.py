@@ -25,13 +25,18 @@ RECOMPUTE_COST = 0.5
 # A recomputed layer whose input waits in CPU memory (kernels/recompute.py) runs eagerly (layer graphs stand
 # aside) and copies its input out and back: priced at this fraction of the step more, so the plan offloads
 # only where that buys a fit or lets enough layers keep their activations.
-# Priced from run 13 (H200, every layer recomputed: 10,021 tok/s with graphs, 8,850 offloaded), an upper bound:
-# that run's offloaded first forward took peft's slower path (fixed since; assets/bench/README.md).
+# Priced from run 13 (H200, every layer recomputed: 10,021 tok/s with graphs, 8,850 offloaded; that run's offloaded
+# first forward took peft's slower path, fixed since); runs 16-17 measured offloading (the layer graphs standing
+# aside) 13% (dropout 0.05) and 28% (dropout 0) slower at 8x512, 1% and 17% at 2x2048: 0.13 is about their mean.
 OFFLOAD_COST = 0.13
 # With layer graphs (kernels/graphs.py) and some layers recomputed, the graphs' pool holds the working memory of
 # the captured recomputations beside the saved activations: ~5 full layers' activations, measured on an H200
 # (Llama-2-7B shape, 4,096 tokens: 8.2 GiB with every layer recomputed against 6.2 eagerly; 14.0 allocated,
 # 16.1 reserved at 16 of 32 recomputed, where the eager estimate said 13.9: out of a 15 GiB budget; run 13).
+# Part of run 13's excess was the fused MLP holding each recomputed block's input outside save_for_backward (fixed
+# since): runs 16-17 measured 7.0 GiB with every layer recomputed against 6.0 offloaded, and reserved memory ~2 GiB
+# above allocated wherever graphs replay recomputed layers (10.1 / 12.2 GiB at 22 of 32). Kept at 5 until a run
+# measures the 15 GiB plan with fewer layers recomputed.
 GRAPH_POOL_LAYERS = 5
 # fp16 compute (a T4) keeps the embeddings, norms and head in fp32 (model._prepare_kbit): those weights take 4 bytes
 # a value, and the residual stream is fp32, so a recomputed layer's saved input takes 4 bytes a value and a kept
@@ -60,6 +65,9 @@ def _shape(mc) -> dict:
         # block: 9 instead of 13, fitted to the same runs (32.5 GiB with peft's LoRA path).
         hidden_vectors = 9
         mask_bytes = 3 * h + m  # dropout masks: qkv and h_to_4h (one input each), dense, 4h_to_h
+        # The fused MLP keeps GELU's input, not its output: 2m bytes by count, but the peak fell by m bytes a token
+        # and layer (21.9 -> 19.9 GiB at 8x512: h200x2-run8 against h200-run15), so that is what is priced.
+        mlp_saving = m
     else:
         m = getattr(mc, "intermediate_size", None) or 4 * h
         kv = hd * (getattr(mc, "num_key_value_heads", None) or heads)
@@ -68,8 +76,9 @@ def _shape(mc) -> dict:
         shared_saving = 10 * h  # q, k, v, gate, up share one input; o_proj's is kept by SDPA anyway
         hidden_vectors = 13
         mask_bytes = 6 * h + m  # dropout masks: q, k, v, o, gate, up over hidden-size inputs, down over m
+        mlp_saving = 2 * m  # the activation's output (21.4 -> 18.6 GiB at 8x512, run 13)
     return dict(h=h, m=m, layers=n, vocab=mc.vocab_size, linears=linears, tied=tied, shared_saving=shared_saving,
-                hidden_vectors=hidden_vectors, mask_bytes=mask_bytes)
+                hidden_vectors=hidden_vectors, mask_bytes=mask_bytes, mlp_saving=mlp_saving)
 
 
 def param_counts(mc, lora_r: int = 64) -> dict:
@@ -104,7 +113,7 @@ def activation_bytes_per_token(model_config, recomputed: bool, seq_len: int = 0,
     where peft keeps a dropped-out copy per layer, and no dropout mask (its backward draws the mask again).
     (The fits above were made with peft's 1-byte masks at lora_dropout 0.05.) The fused MLP
     (kernels/lora_mlp.py) does not keep the activation's output, the down projection's input: one MLP-width
-    vector less. `fp32_residual` (fp16 compute): the residual stream in fp32 (FP32_RESIDUAL_VECTORS).
+    vector less (Llama; Falcon's measured peak fell by half that). `fp32_residual` (fp16 compute): the residual stream in fp32 (FP32_RESIDUAL_VECTORS).
     """
     s = _shape(model_config)
     if recomputed:
@@ -116,7 +125,7 @@ def activation_bytes_per_token(model_config, recomputed: bool, seq_len: int = 0,
         if fused_lora:
             per_layer -= s["shared_saving"] + s["mask_bytes"]
             if fused_mlp:
-                per_layer -= 2 * s["m"]
+                per_layer -= s["mlp_saving"]
         if fp32_residual:
             per_layer += 2 * FP32_RESIDUAL_VECTORS * s["h"]
     return s["layers"] * per_layer
