@@ -214,7 +214,7 @@ def _choose_recomputation(cfg, model_config, cuda: bool, micro: int, accum: int,
     fused_mlp = fused_lora and t.fused_mlp
     offload, offload_why = _offload_allowed(t.offload_checkpoints, cuda)
     graphs = _graphs_expected(cfg, model_config, fused_lora, compute_dtype)
-    fp32_norms = compute_dtype == "float16" and not fsdp_active()  # model._prepare_kbit's fp16 upcast
+    fp32_norms = compute_dtype == "float16" and cfg.is_qlora and not fsdp_active()  # model._prepare_kbit's upcast
     if requested == "auto":
         if not cuda:
             return (0, micro, accum, None, False), "gradient_checkpointing=off: CPU/tiny model, memory is not the limit"

@@ -94,6 +94,23 @@ def test_auto_recomputation_on_a_gpu_takes_the_fastest_fit():
     assert why.startswith("gradient_checkpointing=") and f"micro-batch {micro} x {accum} accumulation" in why
 
 
+def test_fp16_qlora_is_planned_with_its_fp32_embeddings_head_and_residual_stream():
+    """QLoRA on a T4 computes in fp16 with fp32 embeddings, norms and head (model._prepare_kbit): the plan
+    recomputes more layers for it than for bf16; 16-bit LoRA keeps fp16 everywhere and is planned as before."""
+    from qlora_lab.memory import fastest_fit
+
+    mc = model_config("llama2-7b")
+    sets = ["data.max_length=512", "lora.r=64", "train.gradient_checkpointing=auto"]
+    qlora = load_config(CONFIGS / "tiny_llama_qlora.yaml", sets)
+    (k16, _, _, est16, _), _ = planner._choose_recomputation(qlora, mc, True, 8, 1, 15.0, "liger", True, "float16")
+    (kbf, _, _, _, _), _ = planner._choose_recomputation(qlora, mc, True, 8, 1, 15.0, "liger", True, "bfloat16")
+    assert k16 > kbf and est16 <= 15.0
+    lora = load_config(CONFIGS / "tiny_llama_lora.yaml", sets)
+    (k, micro, _, est, _), _ = planner._choose_recomputation(lora, mc, True, 8, 1, 30.0, "liger", True, "float16")
+    want = fastest_fit(mc, None, 512, 8, 30.0, lora_r=64, fused_ce=True, fused_lora=True, fused_mlp=True)
+    assert (micro, k, est) == want[:3]
+
+
 def test_fsdp_is_named_in_the_plan(monkeypatch):
     cfg = load_config(CONFIGS / "tiny_llama_qlora.yaml", ["train.gradient_accumulation_steps=2"])
     p = planner.plan(cfg, model_config("tiny-llama"))
