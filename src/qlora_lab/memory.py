@@ -113,7 +113,8 @@ def activation_bytes_per_token(model_config, recomputed: bool, seq_len: int = 0,
     where peft keeps a dropped-out copy per layer, and no dropout mask (its backward draws the mask again).
     (The fits above were made with peft's 1-byte masks at lora_dropout 0.05.) The fused MLP
     (kernels/lora_mlp.py) does not keep the activation's output, the down projection's input: one MLP-width
-    vector less (Llama; Falcon's measured peak fell by half that). `fp32_residual` (fp16 compute): the residual stream in fp32 (FP32_RESIDUAL_VECTORS).
+    vector less (Llama; Falcon's measured peak fell by half that). `fp32_residual` (fp16 compute): the
+    residual stream in fp32 (FP32_RESIDUAL_VECTORS).
     """
     s = _shape(model_config)
     if recomputed:
@@ -148,9 +149,9 @@ def estimate_peak_gib(mc, bits, tokens: int, recompute_layers: int, lora_r: int 
     act = tokens * ((n - k) * full + k * ckpt + (full if k else 0))  # + one layer re-materialized
     if graphs and k and not offload:
         act += tokens * GRAPH_POOL_LAYERS * full
-    lora_states = param_counts(mc, lora_r)["lora"] * 16  # fp32 weight, grad, two Adam moments
-    logits = 0.25 * GiB if fused_ce else tokens * s["vocab"] * 10  # fp32 logits, their grad, bf16 copy
     p = param_counts(mc, lora_r)
+    lora_states = p["lora"] * 16  # fp32 weight, grad, two Adam moments
+    logits = 0.25 * GiB if fused_ce else tokens * s["vocab"] * 10  # fp32 logits, their grad, bf16 copy
     fp32_extra = 2 * (p["embed"] + p["head_stored"]) if fp16 else 0  # embeddings and head kept in fp32
     return weights_gib(mc, bits, dtype_bytes) + (act + lora_states + logits + fp32_extra) / GiB + SLACK_GIB
 
