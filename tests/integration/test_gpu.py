@@ -139,7 +139,8 @@ def _graph_steps(graphed: bool, dropout: float, checkpointing: bool, micro: int 
 
 @pytest.mark.parametrize("dropout,checkpointing,micro,name", [
     (0.0, False, 1, "tiny_llama_qlora"), (0.1, False, 1, "tiny_llama_qlora"), (0.1, True, 1, "tiny_llama_qlora"),
-    (0.1, False, 2, "tiny_llama_qlora"), (0.1, False, 1, "tiny_falcon_qlora"), (0.1, True, 2, "tiny_falcon_qlora")])
+    (0.1, False, 2, "tiny_llama_qlora"), (0.1, False, 1, "tiny_falcon_qlora"),
+    (0.1, True, 2, "tiny_falcon_qlora")])
 def test_layer_graphs_train_as_the_eager_layers(dropout, checkpointing, micro, name):
     """kernels/graphs.py: replaying every decoder layer from CUDA graphs (captured on the second forward) gives
     the eager layers' losses and adapter gradients step after step: with dropout (kernels/dropout.py's masks,

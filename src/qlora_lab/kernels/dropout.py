@@ -5,12 +5,13 @@ again. With torch's dropout that means saving the CUDA generator's state in the 
 the backward, which a CUDA graph cannot capture (graphs.py replays every decoder layer from one) and which
 costs host work twice per layer. Here the mask of element i of layer `salt` is
 
-    keep[i] = uniform_q(philox(seed * 2^20 + salt, c)) >= p,   i = b * BLOCK + q * BLOCK/4 + k,  c = b * BLOCK/4 + k
+    keep[i] = uniform_q(philox(seed * 2^20 + salt, c)) >= p
+    for element i = b * BLOCK + q * BLOCK/4 + k and Philox counter c = b * BLOCK/4 + k
 
-(each Philox counter c gives four uniforms, q < 4, one per quarter of a block: a quarter of the generator's
-work per element, as torch's dropout spends), with `seed` one int64 on the GPU. The forward and the backward compute it from the same three numbers, so
-the backward (or a recomputed layer, or a graph's replay) gets the forward's mask bit for bit; keeping it
-costs nothing. `advance()` draws a new seed from torch's CUDA generator before every training forward of
+(each counter gives four uniforms, q < 4, one per quarter of a block: a quarter of the generator's work per
+element, as torch's dropout spends), with `seed` one int64 on the GPU. The forward and the backward compute
+it from the same three numbers, so the backward (or a recomputed layer, or a graph's replay) gets the
+forward's mask bit for bit; keeping it costs nothing. `advance()` draws a new seed from torch's CUDA generator before every training forward of
 the model (fused_lora.enable registers it), so each step and micro-batch gets new masks, `set_seed`
 reproduces them and a resumed run (whose generator states the Trainer restores) draws on from there. One
 kernel applies a mask (x * mask / (1 - p)); one adds a masked gradient into another (dx += mask * g / (1 - p)).
