@@ -83,7 +83,8 @@ def plan(cfg, model_config) -> Plan:
                 compute_dtype=dtype, mixed_precision={"bfloat16": "bf16", "float16": "fp16"}.get(dtype) if cuda else None,
                 kernels=kernels, fused_lora=fused_lora, optim=optim, per_device_train_batch_size=micro,
                 gradient_accumulation_steps=accum, memory_budget_gib=round(budget, 2) if budget else None,
-                recompute_layers=k, offload_checkpoints=offload, est_peak_gib=round(est, 2) if est is not None else None, reasons=reasons)
+                recompute_layers=k, offload_checkpoints=offload,
+                est_peak_gib=round(est, 2) if est is not None else None, reasons=reasons)
 
 
 # ----------------------------------------------------------------------------- the machine

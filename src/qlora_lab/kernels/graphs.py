@@ -70,10 +70,9 @@ def why_not(model, fp16: bool = False) -> str | None:
     layers = decoder_layers(model)
     if not layers:
         return "no decoder layers found"
-    from . import recompute
+    from .recompute import is_offloaded
 
-    if any(getattr(getattr(l, "_gradient_checkpointing_func", None), "func", None) is recompute.offloaded and
-           l.gradient_checkpointing for l in layers):
+    if any(is_offloaded(l) for l in layers):
         return "offloaded checkpoints (their copies to and from CPU memory run between layers, outside a graph)"
     for layer in layers:
         for m in layer.modules():

@@ -149,6 +149,12 @@ class _Offloaded(torch.autograd.Function):
         return None, None, x.grad
 
 
+def is_offloaded(layer) -> bool:
+    """Whether a decoder layer recomputes with its input in CPU memory (as model.set_recomputation sets it)."""
+    fn = getattr(layer, "_gradient_checkpointing_func", None)
+    return getattr(fn, "func", None) is offloaded and bool(getattr(layer, "gradient_checkpointing", False))
+
+
 def offloaded(run, x, *args, slot: int):
     """A checkpointed call of run(x, *args) whose input x waits in pinned CPU memory until the backward: the
     signature of a decoder layer's `_gradient_checkpointing_func`, with the layer's index as `slot`. x must

@@ -36,6 +36,14 @@ def test_graphs_decline_layers_they_cannot_replay_faithfully(monkeypatch):
     assert graphs.why_not(model) == "adapter dropout needs the graph-safe kernel (Triton)"  # CPU tensors: torch's
     fused_lora.enable(plain)
     assert graphs.why_not(plain) is None
+    from qlora_lab.model import set_recomputation
+
+    base = plain.get_base_model()
+    set_recomputation(base, plain.config.num_hidden_layers, offload=True)
+    assert graphs.why_not(plain).startswith("offloaded checkpoints")
+    set_recomputation(base, plain.config.num_hidden_layers)  # torch's own checkpoint: the graphs recompute it
+    assert graphs.why_not(plain) is None
+    set_recomputation(base, 0)
     assert graphs.why_not(plain, fp16=True).startswith("fp16 compute (a T4)")
     fused_lora.enable(falcon)
     assert graphs.why_not(falcon).startswith("an attention whose heads transformers splits with a list index")
