@@ -42,6 +42,29 @@ def _loss_and_grads(model, x):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def peft_step(name, x, checkpointing=False):
+    """The loss and adapter gradients of peft's own path without dropout: what every fused path must give."""
+    torch.manual_seed(0)
+    ref_model = _model(name, "lora.lora_dropout=0.0", checkpointing=checkpointing)
+    ref_model.train()
+    return _loss_and_grads(ref_model, x)
+
+
+def assert_same_dropout_step(build, variants, x) -> None:
+    """Each of build(v) for v in variants, from the same seed, gives the first one's loss and adapter gradients:
+    dropout masks drawn alike."""
+    results = []
+    for v in variants:
+        model = build(v)
+        torch.manual_seed(5)
+        results.append(_loss_and_grads(model, x))
+    (loss0, g0), *others = results
+    for loss1, g1 in others:
+        torch.testing.assert_close(loss1, loss0, rtol=1e-6, atol=1e-7)
+        for k in g0:
+            torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-7, msg=k)
+
+
 @pytest.mark.parametrize("name", ["tiny_llama_qlora", "tiny_falcon_qlora", "tiny_llama_lora"])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_same_loss_and_gradients_as_peft_without_dropout(name, checkpointing):

@@ -7,7 +7,7 @@ import torch
 
 from qlora_lab.kernels import fused_lora, grouped_lora
 
-from .test_fused_lora import _loss_and_grads, _model, assert_same_step
+from .test_fused_lora import _loss_and_grads, _model, assert_same_dropout_step, assert_same_step, peft_step
 
 
 def _fused(name, *sets, checkpointing=False, grouped=True):
@@ -25,10 +25,7 @@ def _fused(name, *sets, checkpointing=False, grouped=True):
 def test_grouped_matches_peft_without_dropout(name, checkpointing):
     """No dropout: the stacked-A path (one A matmul per group)."""
     x = torch.randint(4, 200, (2, 16))
-    torch.manual_seed(0)
-    ref_model = _model(name, "lora.lora_dropout=0.0", checkpointing=checkpointing)
-    ref_model.train()
-    ref_loss, ref = _loss_and_grads(ref_model, x)  # peft's own path
+    ref_loss, ref = peft_step(name, x, checkpointing)
     model = _fused(name, "lora.lora_dropout=0.0", checkpointing=checkpointing)
     loss, got = _loss_and_grads(model, x)
     assert_same_step(loss, got, ref_loss, ref)
@@ -39,15 +36,9 @@ def test_grouped_matches_peft_without_dropout(name, checkpointing):
 def test_grouped_draws_the_same_dropout_masks_as_ungrouped(checkpointing):
     """Dropout: each layer its own mask, drawn in the order the layers' own calls draw them."""
     x = torch.randint(4, 200, (2, 16))
-    results = []
-    for grouped in (False, True):
-        model = _fused("tiny_llama_qlora", "lora.lora_dropout=0.2", checkpointing=checkpointing, grouped=grouped)
-        torch.manual_seed(5)
-        results.append(_loss_and_grads(model, x))
-    (loss0, g0), (loss1, g1) = results
-    torch.testing.assert_close(loss1, loss0, rtol=1e-6, atol=1e-7)
-    for k in g0:
-        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-7, msg=k)
+    assert_same_dropout_step(
+        lambda grouped: _fused("tiny_llama_qlora", "lora.lora_dropout=0.2", checkpointing=checkpointing, grouped=grouped),
+        (False, True), x)
 
 
 def test_a_group_layer_called_on_another_input_computes_alone():

@@ -8,7 +8,7 @@ import torch
 
 from qlora_lab.kernels import fused_lora, lora_mlp, recompute
 
-from .test_fused_lora import _loss_and_grads, _model, assert_same_step
+from .test_fused_lora import _loss_and_grads, assert_same_dropout_step, assert_same_step, peft_step
 from .test_grouped_lora import _fused
 
 
@@ -24,10 +24,7 @@ def _ours(name, *sets, checkpointing=False, mlp=True):
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_same_loss_and_gradients_as_peft_without_dropout(name, checkpointing):
     x = torch.randint(4, 200, (2, 16))
-    torch.manual_seed(0)
-    ref_model = _model(name, "lora.lora_dropout=0.0", checkpointing=checkpointing)
-    ref_model.train()
-    ref_loss, ref = _loss_and_grads(ref_model, x)  # peft's own path
+    ref_loss, ref = peft_step(name, x, checkpointing)
     model = _ours(name, "lora.lora_dropout=0.0", checkpointing=checkpointing)
     loss, got = _loss_and_grads(model, x)
     assert_same_step(loss, got, ref_loss, ref)
@@ -40,15 +37,8 @@ def test_same_loss_and_gradients_as_peft_without_dropout(name, checkpointing):
 def test_dropout_masks_as_the_layer_by_layer_path(name, checkpointing):
     """With dropout each projection keeps its own mask, drawn in the order the layers draw them one by one."""
     x = torch.randint(4, 200, (2, 16))
-    results = []
-    for mlp in (False, True):
-        model = _ours(name, "lora.lora_dropout=0.2", checkpointing=checkpointing, mlp=mlp)
-        torch.manual_seed(5)
-        results.append(_loss_and_grads(model, x))
-    (loss0, g0), (loss1, g1) = results
-    torch.testing.assert_close(loss1, loss0, rtol=1e-6, atol=1e-7)
-    for k in g0:
-        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-7, msg=k)
+    assert_same_dropout_step(lambda mlp: _ours(name, "lora.lora_dropout=0.2", checkpointing=checkpointing, mlp=mlp),
+                             (False, True), x)
 
 
 def test_the_activation_output_is_not_saved():
