@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from qlora_lab.bench import LOSS_TOLERANCE, Shape, synthetic_examples
@@ -64,6 +65,27 @@ def test_bench_cli_tiny_presets_agree_with_baseline(bench_tiny):
     assert len(rep["comparisons"]) == 8  # each of our 4 rows per preset against the standard recipe
     for c in rep["comparisons"]:
         assert c["loss_ok"] and c["loss_max_rel_diff"] <= LOSS_TOLERANCE and c["speedup"] > 0
+
+
+@background
+def bench_profiled(tmp, env):
+    """(JSON path, profile folder, CompletedProcess) of a tiny-llama bench with --profile."""
+    out, prof = tmp / "bench.json", tmp / "profile"
+    return out, prof, run_cli("bench", "--preset", "tiny-llama", "--seq-len", "32", "--batch-size", "2", "--steps", "5",
+                              "--profile", prof, "--output", out, timeout=600, base_env=env)
+
+
+def test_bench_profile_writes_each_rows_last_steps_and_times_the_others(bench_profiled):
+    out, prof, r = bench_profiled
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["path"] == "ours" and row["steps"] == 5
+    # warm-up 1, profiled 3: the median is the one step between them
+    assert row["median_step_s"] == pytest.approx(row["step_times_s"][1], abs=1e-4)
+    got = json.loads((prof / "tiny-llama-ours-32x2.json").read_text())
+    assert got["steps"] == 3 and got["title"] == "tiny-llama ours 2x32"
+    assert got["kinds_ms_per_step"].get("matmul", 0) > 0  # CPU ops here (no CUDA): aten::mm and kin
+    assert (prof / "tiny-llama-ours-32x2.txt").read_text().startswith("tiny-llama ours 2x32\n")
 
 
 def test_default_output_is_in_the_current_folder():

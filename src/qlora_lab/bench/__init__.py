@@ -41,11 +41,12 @@ __all__ = ["LORA_ALPHA", "LORA_R", "LOSS_STEPS", "LOSS_TOLERANCE", "RUNTIME_KEYS
 
 def run(presets, shapes, steps: int = 20, baseline: bool = False, memory_budget=None, overrides=(),
         variants=(), multi_gpu=(), output=None, warmup=None, timeout=None, command: str | None = None,
-        peer: str | None = None, peer_python: str | None = None) -> dict:
+        peer: str | None = None, peer_python: str | None = None, profile=None) -> dict:
     """Run every worker, print the table, write JSON (and a Markdown twin) to `output`. Returns the report.
 
     `peer` ("unsloth") with `peer_python` (its interpreter) adds the peer's rows; checked before any
-    worker starts (UserError in one line: a bad PATH, the peer missing there, no CUDA GPU).
+    worker starts (UserError in one line: a bad PATH, the peer missing there, no CUDA GPU). `profile` (a
+    folder): every row's last steps profiled there (profiling.py), left out of its median.
     """
     from ..runs import env_info
     from . import peer as peers
@@ -76,7 +77,8 @@ def run(presets, shapes, steps: int = 20, baseline: bool = False, memory_budget=
                             "warmup": warmup, "memory_budget": memory_budget,
                             "runs": [[lb, list(o)] for lb, o in job.runs]}
                     cmd, env = launch_command(job.launch) + ["-m", "qlora_lab.bench.worker"], _env(job.launch)
-                spec.update(workdir=str(workdir), init_lora=str(init_lora))
+                spec.update(workdir=str(workdir), init_lora=str(init_lora),
+                            profile=str(Path(profile).resolve()) if profile else None)
                 # A peer writes its compile caches into its working folder: the job's, not the user's.
                 rows, info = _run_worker(spec, cmd, env, timeout, cwd=workdir if job.peer else None)
                 if job.peer:

@@ -25,6 +25,17 @@ if __name__ == "__main__" and sys.path and os.path.abspath(sys.path[0] or ".") =
 LOSS_STEPS = 20  # losses kept per row at least (the bench's LOSS_STEPS)
 
 
+def _profiling():
+    """The bench's profiling.py, loaded by path (this interpreter may not have qlora_lab)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_qlora_lab_bench_profiling",
+                                                  os.path.join(os.path.dirname(os.path.abspath(__file__)), "profiling.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def synthetic_batches(vocab: int, seq_len: int, batch_size: int, steps: int, seed: int) -> list:
     """The bench's batches as (batch_size, seq_len) int64 tensors, step by step.
 
@@ -167,9 +178,17 @@ def train_shape(spec: dict, model, facts: dict, init: dict, seq_len: int, batch_
         model.train()
     _peak_reset()
     times, probes, losses = [], [], []
+    profiling = prof = None
+    if spec.get("profile"):
+        profiling = _profiling()
+        prof = profiling.StepProfiler(spec["profile"], profiling.file_name(spec["preset"], spec["label"], seq_len,
+                                      batch_size), f"{spec['preset']} {spec['label']} {seq_len}x{batch_size}",
+                                      spec["steps"] - profiling.STEPS)
     torch.cuda.synchronize()
     t = time.perf_counter()
     for ids in batches:  # one optimizer step per batch, no accumulation, as in our rows
+        if prof is not None:
+            prof.step_begin(len(times))
         ids = ids.to("cuda", non_blocking=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):  # the Trainer's bf16 mixed precision
             loss = model(input_ids=ids, labels=ids).loss
@@ -178,12 +197,15 @@ def train_shape(spec: dict, model, facts: dict, init: dict, seq_len: int, batch_
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))  # logged every step, as our rows do
+        if prof is not None:
+            prof.step_end(len(times))
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
         probes.append(host_probe_ms())  # outside the step's timing, as in our rows
         t = time.perf_counter()
     del opt
-    med = statistics.median(times[spec["warmup"]:] or times)
+    med = statistics.median(profiling.timed(times, spec["warmup"], True) if profiling else
+                            times[spec["warmup"]:] or times)
     trained = batch_size * (seq_len - 1)  # tokens with a next-token label, as our rows count
     return {"status": "ok", "steps": len(times), "median_step_s": med, "step_times_s": [round(x, 4) for x in times],
             "host_probe_ms": [round(x, 3) for x in probes],

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..distributed import is_main_process, world_size
 from ..errors import is_out_of_memory
+from . import profiling
 from .flops import matmul_tflops, row_flops
 from .spec import LORA_ALPHA, LORA_R, LOSS_STEPS, Shape, bench_config, synthetic_examples
 
@@ -42,9 +43,9 @@ def host_probe_ms(n: int = 20000) -> float:
     return (time.perf_counter() - t) * 1e3
 
 
-def _step_timer():
+def _step_timer(profiler=None):
     """Trainer callback: wall time of every optimizer step (synchronized), the host probe after each, and
-    every logged loss."""
+    every logged loss; with a profiling.StepProfiler, its steps profiled."""
     import torch
     from transformers import TrainerCallback
 
@@ -60,7 +61,13 @@ def _step_timer():
         def on_train_begin(self, args, state, control, **kw):
             self._t = self._now()
 
+        def on_step_begin(self, args, state, control, **kw):
+            if profiler is not None:
+                profiler.step_begin(len(self.times))
+
         def on_step_end(self, args, state, control, **kw):
+            if profiler is not None:
+                profiler.step_end(len(self.times))
             self.times.append(self._now() - self._t)
             self.probes.append(host_probe_ms())
             self._t = time.perf_counter()
@@ -123,8 +130,7 @@ def _peaks() -> dict:
 
 def _row(spec, shape: Shape, timer, steps: int, warmup: int, hf_config, lora_r: int, recomputed: int,
          extra: dict) -> dict:
-    times = timer.times[warmup:] or timer.times
-    med = statistics.median(times)
+    med = statistics.median(profiling.timed(timer.times, warmup, bool(spec.get("profile"))))
     trained = shape.batch_size * (shape.seq_len - 1)  # tokens with a next-token label, as training.Trainer counts
     return {"preset": spec["preset"], "path": spec["label"], "seq_len": shape.seq_len,
             "batch_size": shape.batch_size, "status": "ok", "steps": len(timer.times),
@@ -189,7 +195,7 @@ def _train_ours(spec, label, overrides, shape, model, summary, emit):
         ds = Dataset.from_list(synthetic_examples(hf_config.vocab_size, shape, spec["steps"]))
         trainer = training.build_trainer(cfg, plan, model, tok, ds, None, run)
         trainer._get_train_sampler = lambda *a, **k: SequentialSampler(ds)  # same order as the baseline
-        timer = _step_timer()
+        timer = _step_timer(_profiler(spec, label, shape))
         trainer.add_callback(timer)
         _peak_reset()
         trainer.train()
@@ -219,6 +225,15 @@ def _train_ours(spec, label, overrides, shape, model, summary, emit):
         trainer = None
         _peak_reset()
     return model, summary
+
+
+def _profiler(spec, label: str, shape: Shape):
+    """A StepProfiler for this row's last steps where the bench was asked to --profile, else None."""
+    if not spec.get("profile") or not is_main_process():
+        return None
+    name = profiling.file_name(spec["preset"], label, shape.seq_len, shape.batch_size)
+    return profiling.StepProfiler(spec["profile"], name, f"{spec['preset']} {label} {shape}",
+                                  spec["steps"] - profiling.STEPS)
 
 
 def _apply_plan(model, plan, group_lora: bool = False, nf4_kernel: bool = True, cuda_graphs: bool = False,
@@ -275,7 +290,7 @@ def _worker_baseline(spec, shapes, emit) -> int:
                                                           lora_dropout=0.05)
                 emit("model", facts=facts)
             ds = Dataset.from_list(synthetic_examples(hf_config.vocab_size, shape, spec["steps"]))
-            timer = _step_timer()
+            timer = _step_timer(_profiler(spec, spec["label"], shape))
             tr = baseline.trainer(
                 model, tok, lora, ds, out_dir=str(Path(spec["workdir"]) / f"run-{shape}"), seq_len=shape.seq_len,
                 batch_size=shape.batch_size, steps=spec["steps"], learning_rate=2e-4, max_grad_norm=0.3,

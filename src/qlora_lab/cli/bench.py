@@ -39,6 +39,9 @@ def add_parser(sub) -> None:
     p.add_argument("--output", default=None, help="JSON path (a .md twin is written beside it; "
                                                   "default: bench-<presets>-<time>.json in the current folder)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per worker process")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="profile every row's last 3 steps (GPU kernels, ours and the peer's) into DIR/*.txt and "
+                        "*.json; those steps are left out of the row's median")
     p.set_defaults(func=run)
 
 
@@ -57,6 +60,13 @@ def run(args) -> int:
             raise UserError("--seq-len and --batch-size: give one value, or as many of one as of the other")
     if min(args.seq_len) < 8 or min(args.batch_size) < 1 or args.steps < 2:
         raise UserError("--seq-len >= 8, --batch-size >= 1, --steps >= 2")
+    if args.profile:
+        from ..bench.profiling import STEPS
+
+        warmup = bench.default_warmup(args.steps) if args.warmup is None else args.warmup
+        if args.steps < warmup + STEPS + 1:
+            raise UserError(f"--profile: --steps must leave at least one timed step after {warmup} warm-up "
+                            f"and {STEPS} profiled steps (--steps >= {warmup + STEPS + 1})")
     variants = []
     for v in args.variant:
         name, sep, sets = v.partition(":")
@@ -77,7 +87,8 @@ def run(args) -> int:
     report = bench.run(args.preset, shapes, steps=args.steps, baseline=args.baseline,
                        memory_budget=args.memory_budget, overrides=args.overrides, variants=variants, multi_gpu=multi,
                        output=args.output, warmup=args.warmup, timeout=args.timeout,
-                       command="qlora-lab " + " ".join(sys.argv[1:]), peer=args.peer, peer_python=args.peer_python)
+                       command="qlora-lab " + " ".join(sys.argv[1:]), peer=args.peer, peer_python=args.peer_python,
+                       profile=args.profile)
     failed = [r for r in report["rows"] if r.get("status") != "ok"]
     bad_loss = [c for c in report["comparisons"] + report.get("scaling", []) if c.get("loss_ok") is False]
     if bad_loss:

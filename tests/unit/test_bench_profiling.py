@@ -1,0 +1,71 @@
+"""`qlora-lab bench --profile`: the per-step kernel tables (bench/profiling.py), on the CPU.
+
+The profiler itself runs here on CPU ops (a machine without CUDA profiles those); on the GPU it records
+CUDA kernels through the same code, exercised by the bench runs on the GPU machine.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from qlora_lab import cli
+from qlora_lab.bench import profiling
+
+
+def test_kernel_names_of_both_paths_get_their_kind():
+    kinds = {  # names as CUDA profiles of our path and the peer's spell them
+        "nvjet_tst_192x192_64x4_1x2_h_bz_coopB_TNN": "matmul",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "matmul",
+        "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4>>": "attention",
+        "nf4_dequantize": "nf4 dequantize",
+        "void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>": "nf4 dequantize",
+        "dropout": "dropout",
+        "void at::native::(anonymous namespace)::fused_dropout_kernel_vec<c10::BFloat16>": "dropout",
+        "_rms_norm_forward_kernel": "norm, rope, swiglu (triton)",
+        "liger_cross_entropy_kernel": "loss",
+        "void kOptimizer32bit2State<float, 5, 0>": "optimizer",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>": "copy, fill",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>":
+            "elementwise",
+        "some_new_kernel": "other",
+    }
+    assert {n: profiling.kind_of(n) for n in kinds} == kinds
+
+
+def test_summary_is_per_step_and_sorted_by_time():
+    s = profiling.summarize([("gemm_a", 3000.0, 6), ("dropout", 9000.0, 3), ("x", 300.0, 3)], steps=3, wall_s=0.06)
+    assert [k["name"] for k in s["kernels"]] == ["dropout", "gemm_a", "x"]
+    assert s["kernels"][0]["ms_per_step"] == 3.0 and s["kernels"][1]["calls_per_step"] == 2
+    assert s["wall_ms_per_step"] == 20.0 and abs(s["gpu_busy_ms_per_step"] - 4.1) < 1e-9
+    assert s["kinds_ms_per_step"] == {"dropout": 3.0, "matmul": 1.0, "other": 0.1}
+
+
+def test_timed_steps_leave_out_warmup_and_profiled_steps():
+    times = [9, 1, 2, 3, 7, 7, 7]
+    assert profiling.timed(times, 1, profiled=False) == [1, 2, 3, 7, 7, 7]
+    assert profiling.timed(times, 1, profiled=True) == [1, 2, 3]
+
+
+def test_step_profiler_writes_the_tables_of_its_steps_only(tmp_path):
+    prof = profiling.StepProfiler(tmp_path, "tiny-ours-32x2", "tiny ours 32x2", first=1)
+    a = torch.randn(64, 64)
+    for step in range(5):  # profiled: steps 1, 2, 3; step s runs s + 1 matmuls
+        prof.step_begin(step)
+        for _ in range(step + 1):
+            a = torch.mm(a, a).tanh()
+        prof.step_end(step)
+    got = json.loads((tmp_path / "tiny-ours-32x2.json").read_text())
+    mm = next(k for k in got["kernels"] if k["name"] == "aten::mm")
+    assert got["steps"] == profiling.STEPS == 3 and mm["calls_per_step"] == (2 + 3 + 4) / 3
+    assert mm["kind"] == "matmul" and got["title"] == "tiny ours 32x2"
+    table = (tmp_path / "tiny-ours-32x2.txt").read_text()
+    assert table.startswith("tiny ours 32x2\n3 steps profiled") and "aten::mm |" in table
+
+
+def test_profile_needs_a_timed_step_left(tmp_path, capsys):
+    rc = cli.main(["bench", "--preset", "tiny-llama", "--seq-len", "32", "--batch-size", "2", "--steps", "4",
+                   "--profile", str(tmp_path / "p"), "--output", str(tmp_path / "b.json")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "--steps >= 5" in err, err
+    assert not (tmp_path / "b.json").exists() and not (tmp_path / "p").exists()
