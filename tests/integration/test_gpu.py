@@ -92,22 +92,33 @@ def test_grouped_lora_trains_as_the_ungrouped_layers_in_bf16_on_the_gpu():
 
 
 def _graph_steps(graphed: bool, dropout: float, checkpointing: bool, micro: int = 1, name: str = "tiny_llama_qlora",
-                 mlp: bool = True, offload: bool = False):
+                 mlp: bool = True, offload: int = 0, layers: int | None = None):
     """Four SGD steps of a tiny 4-bit model (fused, grouped LoRA, the fused MLP unless `mlp` is False, Liger,
     bf16 autocast): the losses and every adapter gradient, with the layers replayed from CUDA graphs or run
-    eagerly; `offload`: every layer recomputed with its input in pinned CPU memory."""
+    eagerly; `offload`: the first `offload` layers recomputed with their input in pinned CPU memory; `layers`:
+    a deeper twin than the preset's 2 layers (its own random checkpoint)."""
+    import os
+    import tempfile
+
     import torch
 
+    from qlora_lab import presets
     from qlora_lab.kernels import fused_lora, graphs, grouped_lora, lora_mlp
     from qlora_lab.model import set_recomputation
 
     from ..unit.kernels.test_fused_lora import _model
 
     torch.manual_seed(0)
-    model = _model(name, f"lora.lora_dropout={dropout}", checkpointing=checkpointing, liger=True)
+    with pytest.MonkeyPatch.context() as mp:
+        if layers is not None:
+            preset = "tiny-falcon" if "falcon" in name else "tiny-llama"
+            mp.setitem(presets._SHAPES, preset, {**presets._SHAPES[preset], "num_hidden_layers": layers})
+            mp.setenv("QLORA_LAB_CACHE", os.path.join(tempfile.gettempdir(), f"qlora-lab-test-{layers}-layers"))
+        model = _model(name, f"lora.lora_dropout={dropout}", checkpointing=checkpointing, liger=True)
+    if layers is not None:
+        assert model.config.num_hidden_layers == layers
     if offload:
-        set_recomputation(model.get_base_model(), model.config.num_hidden_layers, offload=True)
-        assert graphs.why_not(model).startswith("offloaded checkpoints")
+        set_recomputation(model.get_base_model(), offload, offload=True)
     model.train()
     fused_lora.enable(model)
     grouped_lora.group(model)
@@ -194,11 +205,14 @@ def test_lora_mlp_trains_as_the_layer_by_layer_path_on_the_gpu(name, dropout, ch
 
 
 @pytest.mark.parametrize("name", ["tiny_llama_qlora", "tiny_falcon_qlora"])
-def test_offloaded_checkpoints_train_as_torch_checkpoint_on_the_gpu(name):
+@pytest.mark.parametrize("graphed,offload,layers", [(False, 2, None), (True, 2, None), (True, 5, 5), (True, 3, 5)])
+def test_offloaded_checkpoints_train_as_torch_checkpoint_on_the_gpu(name, graphed, offload, layers):
     """kernels/recompute.py on CUDA: pinned host buffers, the copy stream and the prefetch of the previous
-    layer's input, two micro-batches: the losses and every adapter gradient of torch's checkpoint."""
-    ref = _graph_steps(False, 0.1, True, micro=2, name=name)
-    got = _graph_steps(False, 0.1, True, micro=2, name=name, offload=True)
+    layer's input, two micro-batches: the losses and every adapter gradient of torch's checkpoint. Eagerly, and
+    replayed from the layer graphs (graphs.py): with 5 layers the buffers used in turn are each used twice, and
+    3 offloaded of 5 hands the last offloaded output to a layer that keeps its input."""
+    ref = _graph_steps(False, 0.1, True, micro=2, name=name, layers=layers)
+    got = _graph_steps(graphed, 0.1, True, micro=2, name=name, offload=offload, layers=layers)
     for step, ((l0, g0), (l1, g1)) in enumerate(zip(ref, got)):
         assert l1 == pytest.approx(l0, rel=2e-3), (step, l0, l1)
         for k in g0:

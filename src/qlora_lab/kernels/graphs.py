@@ -10,7 +10,11 @@ that layer), captured together on the first training step of a batch shape:
     backward: layers n-1..0, each reading the gradient the next one wrote (two buffers, used in turn)
 
 so a step launches one graph per layer and direction, plus the embedding, head, loss and optimizer
-eagerly. The graphs share one memory pool, safe because they replay in the order they were captured; a
+eagerly. A layer whose input waits in CPU memory (recompute.offloaded) is captured as two graphs too: its
+forward without autograd, writing one of two buffers used in turn (the next layer saves nothing), and its
+recomputation with its backward, reading a staging buffer (two, used in turn). The copies out to pinned memory
+and back run between replays on recompute.py's side stream, ordered by events: the copy of layer i's input
+overlaps layer i's forward replay, and layer i-1's input comes back while layer i's backward replays. The graphs share one memory pool, safe because they replay in the order they were captured; a
 layer's inputs and outputs are the buffers its neighbours use, so the graphs store what eager training
 stores (measured in assets/bench/). The adapters' gradients are the backward graphs' own buffers, handed
 to the optimizer as `.grad` (added up where micro-batches accumulate).
@@ -30,6 +34,8 @@ import types
 import weakref
 
 import torch
+
+from . import recompute
 
 log = logging.getLogger("qlora_lab.train")
 
@@ -72,8 +78,10 @@ def why_not(model, fp16: bool = False) -> str | None:
         return "no decoder layers found"
     from .recompute import is_offloaded
 
-    if any(is_offloaded(l) for l in layers):
-        return "offloaded checkpoints (their copies to and from CPU memory run between layers, outside a graph)"
+    off = [is_offloaded(l) for l in layers]
+    if any(b and not a for a, b in zip(off, off[1:])):
+        return ("an offloaded layer after one that is not (model.set_recomputation offloads the first layers; the "
+                "buffers used in turn hold only inputs that are copied out)")
     for layer in layers:
         for m in layer.modules():
             if hasattr(m, "lora_A") and len(m.lora_A) and not hasattr(m, fused_lora._ATTR):
@@ -119,9 +127,16 @@ def captures(model) -> int:
     return state.captures if state is not None else 0
 
 
+def _recomputation(layers) -> tuple:
+    """Per layer: recomputed or not, and whether its input waits in CPU memory."""
+    from .recompute import is_offloaded
+
+    return tuple((bool(getattr(l, "gradient_checkpointing", False)), is_offloaded(l)) for l in layers)
+
+
 def _key(x, kwargs, training_layers):
     """What a replay depends on: the input's shape, dtype and grad flag, every keyword argument (tensors by
-    shape and dtype, anything else by value), which layers recompute, and the autocast state."""
+    shape and dtype, anything else by value), which layers recompute (and offload), and the autocast state."""
     def part(v):
         if isinstance(v, torch.Tensor):
             return ("T", tuple(v.shape), v.dtype, v.device, v.requires_grad)
@@ -161,6 +176,10 @@ class _Graph:
         self.x = self.out = self.gout = self.gin = None
         self.params, self.pgrads, self.leaves = [], [], []
         self.extra = ()  # what the layer returns after its hidden states (None, for models that return tuples)
+        self.offload = False   # the input waits in CPU memory: the forward keeps nothing, the backward recomputes
+        self.stage = None      # offloaded, after layer 0: the buffer the backward graph reads the input from
+        self.copy_out = False  # offloaded, after layer 0: the input is copied out before the forward replays
+        self.wait_copy = None  # the slot whose copy out must finish before the forward replays (it overwrites it)
 
 
 class LayerGraphs:
@@ -204,7 +223,7 @@ class LayerGraphs:
         """Whether this training forward replays the graphs (capturing them first where the shape is due)."""
         if not (torch.is_grad_enabled() and self.layers[0].training) or not x.is_cuda:
             return False
-        key = _key(x, kwargs, tuple(bool(getattr(l, "gradient_checkpointing", False)) for l in self.layers))
+        key = _key(x, kwargs, _recomputation(self.layers))
         if key != self.key:
             if self.key is not None:
                 if self.pending():
@@ -229,8 +248,9 @@ class LayerGraphs:
 
         from torch.utils.checkpoint import checkpoint
 
-        from .recompute import context_fn
+        from .recompute import context_fn, first_forward, is_offloaded
 
+        recompute.stash.release_idle()  # the eager steps' host buffers: the graphs keep their own
         t0 = time.perf_counter()
         self.drop()
         tensors = _tensors(list(kwargs.values()), [])
@@ -245,6 +265,9 @@ class LayerGraphs:
 
         def run(layer, h):
             fn = partial(_raw_forward(layer), layer, **kw)
+            if is_offloaded(layer) and not torch.is_grad_enabled():
+                with first_forward():  # no autograd graph, the training arithmetic (recompute.py)
+                    return fn(h)
             if getattr(layer, "gradient_checkpointing", False):
                 return checkpoint(fn, h, use_reentrant=False, preserve_rng_state=False,  # dropout.py: no generator
                                   context_fn=context_fn)  # marks the recomputation (lora_mlp.py skips a matmul)
@@ -255,6 +278,9 @@ class LayerGraphs:
 
         graphs = [_Graph(i) for i in range(n)]
         swapped = [_swap_in_leaves(layer) for layer in self.layers]
+        for g, layer in zip(graphs, self.layers):
+            g.offload = is_offloaded(layer)
+            g.recompute = partial(_raw_forward(layer), layer, **kw)
         try:
             self._capture(graphs, swapped, x0, gbuf, run, split, autocast)
         finally:
@@ -267,6 +293,8 @@ class LayerGraphs:
                  time.perf_counter() - t0)
 
     def _capture(self, graphs, swapped, x0, gbuf, run, split, autocast) -> None:
+        from .recompute import recomputing
+
         n = len(graphs)
         for g, s in zip(graphs, swapped):
             g.params = [p for _, _, p, _ in s]
@@ -278,29 +306,52 @@ class LayerGraphs:
             for _ in range(2):
                 for g, layer in zip(graphs, self.layers):
                     h = x0.detach().requires_grad_(True)
+                    if g.offload:
+                        with torch.no_grad():
+                            run(layer, h)
                     out, _ = split(run(layer, h))
                     torch.autograd.grad(out, [h] + g.leaves, torch.ones_like(out), allow_unused=True)
                     del out
         torch.cuda.current_stream().wait_stream(side)
         self.pool = torch.cuda.graph_pool_handle()
+        # Offloaded layers after the first read their input from buffers used in turn: `ahead` holds what the
+        # forward passes on (an offloaded layer saves nothing of it), `stage` what the backward gets back.
+        ahead = [torch.empty_like(x0), torch.empty_like(x0)] if any(g.offload for g in graphs[1:]) else None
+        stage = [torch.empty_like(x0), torch.empty_like(x0)] if ahead is not None else None
         h = x0
         for i, (g, layer) in enumerate(zip(graphs, self.layers)):
             g.x = h
+            feeds = i + 1 < n and graphs[i + 1].offload  # the next layer keeps nothing of this output
+            g.copy_out = g.offload and i > 0  # layer 0's input is x0, which stays until the next forward
+            g.wait_copy = i - 1 if feeds and graphs[i - 1].copy_out else None  # ahead[i % 2] held its input
             g.fwd = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g.fwd, pool=self.pool), autocast:
+            with torch.cuda.graph(g.fwd, pool=self.pool), autocast, torch.set_grad_enabled(not g.offload):
                 out, extra = split(run(layer, h))
+                if feeds:
+                    out = ahead[i % 2].copy_(out)
             if any(e is not None for e in extra):
                 raise RuntimeError("cuda graphs: a decoder layer returned more than its hidden states")
             g.out, g.extra = out, extra
-            h = out.detach().requires_grad_(True)  # the next layer reads this buffer in place
+            h = out if feeds else out.detach().requires_grad_(True)  # the next layer reads this buffer in place
         for i in reversed(range(n)):
             g = graphs[i]
             g.gout = gbuf[i % 2]
             wants_gin = i > 0 or g.x.requires_grad
-            inputs = ([g.x] if wants_gin else []) + g.leaves
             g.bwd = torch.cuda.CUDAGraph()
+            if g.offload:  # the recomputation is part of the backward graph, from the staging buffer
+                g.stage = stage[i % 2] if g.copy_out else None
+                x = (g.x if g.stage is None else g.stage).detach().requires_grad_(wants_gin)
+            else:
+                x = g.x
+            inputs = ([x] if wants_gin else []) + g.leaves
             with torch.cuda.graph(g.bwd, pool=self.pool):
-                grads = torch.autograd.grad(g.out, inputs, g.gout, allow_unused=True)
+                if g.offload:
+                    with autocast, recomputing():  # recompute.py: the recomputed MLP skips its down matmul
+                        out, _ = split(g.recompute(x))
+                else:
+                    out = g.out
+                grads = torch.autograd.grad(out, inputs, g.gout, allow_unused=True)
+                del out
                 if wants_gin:
                     gbuf[(i + 1) % 2].copy_(grads[0])  # the previous layer's gradient buffer
                     grads = grads[1:]
@@ -311,6 +362,7 @@ class LayerGraphs:
         for g in graphs:  # buffers only: no autograd graph of the capture kept
             g.x = g.x.detach()
             g.leaves = []
+            g.recompute = None
 
     def own_grads(self) -> None:
         """Copy out every .grad that is still a backward graph's buffer: the forward graphs, captured before the
@@ -389,6 +441,10 @@ class _Replay(torch.autograd.Function):
             state.own_grads()
         if x.data_ptr() != g.x.data_ptr():
             g.x.copy_(x)
+        if g.wait_copy is not None:  # this replay overwrites the buffer that copy reads
+            recompute.stash.wait_out(("graph", g.wait_copy))
+        if g.copy_out:  # runs beside the replay, on the side stream
+            recompute.stash.copy_out(("graph", g.index), g.x)
         g.fwd.replay()
         ctx.state, ctx.g = state, g
         if g.index == 0:
@@ -407,6 +463,11 @@ class _Replay(torch.autograd.Function):
         for p, pg in zip(g.params, g.pgrads):
             if p.grad is not None and p.grad.data_ptr() == pg.data_ptr():
                 p.grad = p.grad.clone()
+        if g.stage is not None:
+            recompute.stash.wait_in(("graph", g.index), g.stage)
+        prev = state.graphs[g.index - 1] if g.index else None
+        if prev is not None and prev.stage is not None:  # comes back while this replay runs
+            recompute.stash.copy_in(("graph", prev.index), prev.stage)
         g.bwd.replay()
         to, add = [], []
         for p, pg in zip(g.params, g.pgrads):

@@ -39,6 +39,27 @@ def context_fn():
     return contextlib.nullcontext(), _Recomputing()
 
 
+def recomputing():
+    """The context of a recomputation (what torch's checkpoint enters through context_fn); graphs.py captures
+    an offloaded layer's recomputation in it."""
+    return _Recomputing()
+
+
+class _FirstForward:
+    def __enter__(self):
+        global _first
+        _first += 1
+
+    def __exit__(self, *exc):
+        global _first
+        _first -= 1
+
+
+def first_forward():
+    """The context of an offloaded layer's first forward: no autograd graph, the training arithmetic."""
+    return _FirstForward()
+
+
 def active() -> bool:
     """Whether the forward running now is a recomputation, whose output nobody reads."""
     return _depth > 0
@@ -61,11 +82,17 @@ class _Stash:
         self.ready: dict = {}     # slot -> event: the copy out has finished
         self.fetched: dict = {}   # slot -> (device tensor, event): copied back ahead of its backward
         self.stream = None
+        self.out_done: dict = {}  # slot -> event: a graph's input copied out (copy_out)
+        self.in_done: dict = {}   # slot -> event: copied back into a graph's staging buffer (copy_in)
 
-    def put(self, slot, x, token) -> None:
+    def _host(self, slot, x):
         buf = self.host.get(slot)
         if buf is None or buf.shape != x.shape or buf.dtype != x.dtype:
             buf = self.host[slot] = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.is_cuda)
+        return buf
+
+    def put(self, slot, x, token) -> None:
+        buf = self._host(slot, x)
         self.owner[slot] = token
         self.fetched.pop(slot, None)
         if not x.is_cuda:
@@ -110,7 +137,49 @@ class _Stash:
         return x
 
 
-_stash = _Stash()
+    # -- for graphs.py: a layer's input in a static buffer, copied out and back on the side stream ----------
+    def copy_out(self, slot, x) -> None:
+        """Start copying x (a CUDA graph's static buffer) to the slot's pinned buffer once the work queued so far
+        has written it; whatever overwrites x must first `wait_out(slot)`."""
+        buf = self._host(slot, x)
+        self.owner[slot] = None  # an eager backward may not read what a replay wrote
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(x.device)
+        self.stream.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(self.stream):
+            buf.copy_(x, non_blocking=True)
+            self.out_done[slot] = torch.cuda.Event()
+            self.out_done[slot].record()
+
+    def wait_out(self, slot) -> None:
+        done = self.out_done.pop(slot, None)
+        if done is not None:
+            torch.cuda.current_stream().wait_event(done)
+
+    def copy_in(self, slot, dst) -> None:
+        """Start copying the slot's saved input into dst (a staging buffer) once the work queued so far has read
+        dst; a no-op where that copy has started already. `wait_in(slot)` before reading dst."""
+        if slot in self.in_done:
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(dst.device))
+        with torch.cuda.stream(self.stream):  # after this slot's copy_out: one stream, in order
+            dst.copy_(self.host[slot], non_blocking=True)
+            self.in_done[slot] = torch.cuda.Event()
+            self.in_done[slot].record()
+
+    def wait_in(self, slot, dst) -> None:
+        self.copy_in(slot, dst)
+        torch.cuda.current_stream(dst.device).wait_event(self.in_done.pop(slot))
+
+
+    def release_idle(self) -> None:
+        """Free the pinned buffers of the eager offloaded layers whose input nobody waits for."""
+        for slot in [k for k in self.host if isinstance(k, int) and self.owner.get(k) is None]:
+            del self.host[slot]
+            self.fetched.pop(slot, None)
+
+
+stash = _Stash()
 
 
 def _rng_states(device):
@@ -124,19 +193,14 @@ class _Offloaded(torch.autograd.Function):
         ctx.run, ctx.slot, ctx.token = run, slot, object()
         ctx.rng = _rng_states(x.device)
         ctx.autocast = (torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
-        _stash.put(slot, x, ctx.token)
-        global _first
-        _first += 1
-        try:
-            with torch.no_grad():
-                return run(x)
-        finally:
-            _first -= 1
+        stash.put(slot, x, ctx.token)
+        with torch.no_grad(), first_forward():
+            return run(x)
 
     @staticmethod
     def backward(ctx, grad):
         device = grad.device
-        x = _stash.get(ctx.slot, ctx.token, device).detach().requires_grad_(True)
+        x = stash.get(ctx.slot, ctx.token, device).detach().requires_grad_(True)
         cpu_rng, cuda_rng = ctx.rng
         enabled, dtype = ctx.autocast
         with torch.random.fork_rng(devices=[device] if cuda_rng is not None else [], device_type=device.type):
