@@ -10,14 +10,17 @@ that layer), captured together on the first training step of a batch shape:
     backward: layers n-1..0, each reading the gradient the next one wrote (two buffers, used in turn)
 
 so a step launches one graph per layer and direction, plus the embedding, head, loss and optimizer
-eagerly. A layer whose input waits in CPU memory (recompute.offloaded) is captured as two graphs too: its
-forward without autograd, writing one of two buffers used in turn (the next layer saves nothing), and its
-recomputation with its backward, reading a staging buffer (two, used in turn). The copies out to pinned memory
-and back run between replays on recompute.py's side stream, ordered by events: the copy of layer i's input
-overlaps layer i's forward replay, and layer i-1's input comes back while layer i's backward replays. The graphs share one memory pool, safe because they replay in the order they were captured; a
+eagerly. The graphs share one memory pool, safe because they replay in the order they were captured; a
 layer's inputs and outputs are the buffers its neighbours use, so the graphs store what eager training
 stores (measured in assets/bench/). The adapters' gradients are the backward graphs' own buffers, handed
 to the optimizer as `.grad` (added up where micro-batches accumulate).
+
+A layer whose input waits in CPU memory (recompute.offloaded, the first layers where the plan offloads) gets
+two graphs too: its forward without autograd, writing one of two buffers used in turn when the next layer is
+offloaded as well (it keeps nothing of its input), and its recomputation with its backward, reading one of two
+staging buffers. The copies to pinned memory and back run between replays on recompute.py's side stream,
+ordered by events: layer i's input is copied out while layer i replays its forward (layer i+1 waits for that
+copy before it overwrites the buffer), and layer i-1's input comes back while layer i replays its backward.
 
 What a replay cannot see must not change between steps: the captured shapes, dtypes and Python arguments
 form the key; a training forward with another key runs eagerly (and drops the graphs, giving their memory
@@ -25,7 +28,7 @@ back); a shape seen again (REPEATS times) is captured anew, at most MAX_CAPTURES
 generation and no-grad forwards never use them. Where a layer could not be replayed faithfully (no GPU,
 several processes, LoRA layers outside the fused path, adapter dropout without the graph-safe kernel of
 dropout.py) `enable` declines and says why. tests/integration/test_gpu.py compares graphed and eager
-training (loss and every adapter gradient, with dropout and with recomputation).
+training (loss and every adapter gradient, with dropout, with recomputation and with offloaded inputs).
 """
 from __future__ import annotations
 
@@ -180,6 +183,7 @@ class _Graph:
         self.stage = None      # offloaded, after layer 0: the buffer the backward graph reads the input from
         self.copy_out = False  # offloaded, after layer 0: the input is copied out before the forward replays
         self.wait_copy = None  # the slot whose copy out must finish before the forward replays (it overwrites it)
+        self.last_out = False  # the last layer copied out: its input is copied back right away
 
 
 class LayerGraphs:
@@ -359,6 +363,9 @@ class LayerGraphs:
                 del grads
             g.gin = gbuf[(i + 1) % 2] if wants_gin else None
             g.out = g.out.detach()
+        copied = [g for g in graphs if g.copy_out]
+        if copied:
+            copied[-1].last_out = True
         for g in graphs:  # buffers only: no autograd graph of the capture kept
             g.x = g.x.detach()
             g.leaves = []
@@ -445,6 +452,8 @@ class _Replay(torch.autograd.Function):
             recompute.stash.wait_out(("graph", g.wait_copy))
         if g.copy_out:  # runs beside the replay, on the side stream
             recompute.stash.copy_out(("graph", g.index), g.x)
+            if g.last_out:  # the first offloaded input the backward needs: back before it asks
+                recompute.stash.copy_in(("graph", g.index), g.stage)
         g.fwd.replay()
         ctx.state, ctx.g = state, g
         if g.index == 0:

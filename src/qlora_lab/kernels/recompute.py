@@ -13,6 +13,8 @@ GPU then holds no activation at all for a recomputed layer (2 x hidden bytes a t
 a 7B at 4,096 tokens). It runs the layer as torch's reentrant checkpoint does (forward without a graph, then
 forward and backward again in the backward), with the RNG states and autocast of the first forward restored.
 tests/unit/kernels/test_recompute.py compares the loss and every adapter gradient with torch's checkpoint.
+Where the layers replay from CUDA graphs (graphs.py), the same stash copies the graphs' static input buffers out
+and back (`copy_out`, `copy_in`) on the same side stream, between the replays.
 """
 from __future__ import annotations
 
