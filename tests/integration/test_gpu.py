@@ -125,7 +125,7 @@ def _graph_steps(graphed: bool, dropout: float, checkpointing: bool, micro: int 
     if mlp:
         assert lora_mlp.enable(model) == model.config.num_hidden_layers
     if graphed:
-        assert graphs.enable(model) == model.config.num_hidden_layers
+        assert graphs.enable(model, offloaded=bool(offload)) == model.config.num_hidden_layers
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.5)
     gen = torch.Generator().manual_seed(3)

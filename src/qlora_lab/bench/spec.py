@@ -16,7 +16,7 @@ BATCH_SEED = 1234        # seeds the synthetic batches (with the shape), the sam
 # Variants that only change these keys run inside the "ours" process, on the model it already loaded.
 RUNTIME_KEYS = ("train.fused_lora", "train.gradient_checkpointing", "train.memory_budget_gib", "train.optimizer_sync",
                 "train.group_lora", "train.nf4_kernel", "train.cuda_graphs",
-                "train.fused_mlp", "train.offload_checkpoints")
+                "train.fused_mlp", "train.offload_checkpoints", "train.offload_graphs")
 
 
 @dataclass(frozen=True)

@@ -173,7 +173,8 @@ def _train_ours(spec, label, overrides, shape, model, summary, emit):
     from transformers import set_seed
 
     from .. import training
-    from ..kernels import fused_lora, graphs, grouped_lora, lora_mlp
+    from ..kernels import fused_lora, graphs, grouped_lora, levers, lora_mlp
+    from ..model import set_recomputation
 
     trainer = None
     cfg = bench_config(spec["preset"], shape, spec["steps"], spec["memory_budget"], overrides)
@@ -188,8 +189,8 @@ def _train_ours(spec, label, overrides, shape, model, summary, emit):
             summary = run.read_json("model_summary.json") or {}  # written by rank 0 only
             emit("model", summary=summary, lora_init=_sync_init_lora(model, spec["init_lora"]))
         else:  # the loaded model, this run's plan: recompute all, some or no layers; fused LoRA or not
-            _apply_plan(model, plan, cfg.train.group_lora, cfg.train.nf4_kernel, cfg.train.cuda_graphs,
-                        cfg.train.fused_mlp)
+            set_recomputation(model.get_base_model(), plan.recompute_layers, plan.offload_checkpoints)
+            levers.switch(model, plan, cfg.train)
             if (spec.get("launch") or {}).get("kind") != "fsdp":  # FSDP has wrapped (flattened) the LoRA weights
                 _sync_init_lora(model, spec["init_lora"])
         ds = Dataset.from_list(synthetic_examples(hf_config.vocab_size, shape, spec["steps"]))
@@ -234,27 +235,6 @@ def _profiler(spec, label: str, shape: Shape):
     name = profiling.file_name(spec["preset"], label, shape.seq_len, shape.batch_size)
     return profiling.StepProfiler(spec["profile"], name, f"{spec['preset']} {label} {shape}",
                                   spec["steps"] - profiling.STEPS)
-
-
-def _apply_plan(model, plan, group_lora: bool = False, nf4_kernel: bool = True, cuda_graphs: bool = False,
-                fused_mlp: bool = False) -> None:
-    """Switch the runtime choices of a loaded PeftModel to `plan`: recomputation (offloaded or not), fused (and
-    grouped) LoRA, the fused MLP, the NF4 kernel, the layer graphs."""
-    from ..kernels import fused_lora, graphs, grouped_lora, lora_mlp, nf4
-    from ..model import set_recomputation
-
-    set_recomputation(model.get_base_model(), plan.recompute_layers, plan.offload_checkpoints)
-    if plan.fused_lora:
-        fused_lora.enable(model)
-        (grouped_lora.group if group_lora else grouped_lora.ungroup)(model)
-        (lora_mlp.enable if fused_mlp else lora_mlp.disable)(model)
-        nf4.enable(nf4_kernel)
-    else:
-        lora_mlp.disable(model)
-        fused_lora.disable(model)
-    graphs.disable(model)  # captured for the last run's plan, if any
-    if plan.fused_lora and cuda_graphs:
-        graphs.enable(model, fp16=plan.mixed_precision == "fp16")
 
 
 def _failed_row(spec, shape, e) -> dict:

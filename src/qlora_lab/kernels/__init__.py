@@ -13,7 +13,10 @@ loaded model before LoRA is attached. `fused_loss.py`: the head and the loss fus
 bitsandbytes' own dequantization everywhere else. `optimizer_step.py`: a bitsandbytes optimizer step with
 one device sync instead of one per parameter (`train.optimizer_sync`). `dropout.py`: adapter dropout on the GPU
 whose mask is a function of (seed, layer, element), drawn again in the backward without a generator to rewind.
-`graphs.py`: every Llama decoder layer's forward and backward replayed from CUDA graphs (`train.cuda_graphs`).
+`graphs.py`: every decoder layer's forward and backward replayed from CUDA graphs (`train.cuda_graphs`).
+`lora_mlp.py`: each LoRA MLP block as one autograd function (`train.fused_mlp`). `recompute.py`: what a
+recomputed layer may skip, and offloaded checkpoints (`train.offload_checkpoints`). `levers.py`: all of them
+switched to a plan in one place (`train` at load, the bench between rows).
 """
 from __future__ import annotations
 

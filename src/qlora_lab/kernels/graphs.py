@@ -57,8 +57,9 @@ def decoder_layers(model) -> list:
 VERIFIED = ("llama", "falcon")  # architectures whose layers test_gpu.py trains graphed against eager
 
 
-def why_not(model, fp16: bool = False) -> str | None:
-    """None if every decoder layer can be replayed from a graph, else the reason it cannot."""
+def why_not(model, fp16: bool = False, offloaded: bool = False) -> str | None:
+    """None if every decoder layer can be replayed from a graph, else the reason it cannot. offloaded: replay
+    layers whose input waits in CPU memory too (train.offload_graphs)."""
     from . import dropout, fused_lora
 
     if not torch.cuda.is_available():
@@ -82,6 +83,9 @@ def why_not(model, fp16: bool = False) -> str | None:
     from .recompute import is_offloaded
 
     off = [is_offloaded(l) for l in layers]
+    if any(off) and not offloaded:
+        return ("offloaded checkpoints (their copies to and from CPU memory run between layers; "
+                "train.offload_graphs replays them too)")
     if any(b and not a for a, b in zip(off, off[1:])):
         return ("an offloaded layer after one that is not (model.set_recomputation offloads the first layers; the "
                 "buffers used in turn hold only inputs that are copied out)")
@@ -99,10 +103,11 @@ def why_not(model, fp16: bool = False) -> str | None:
     return None
 
 
-def enable(model, fp16: bool = False) -> int:
+def enable(model, fp16: bool = False, offloaded: bool = False) -> int:
     """Replay the decoder layers of `model` from CUDA graphs where they apply; returns how many layers (0 and
-    one log line saying why, where they cannot). fp16: the plan computes in fp16 (a T4)."""
-    reason = why_not(model, fp16)
+    one log line saying why, where they cannot). fp16: the plan computes in fp16 (a T4); offloaded: layers whose
+    input waits in CPU memory replay too (train.offload_graphs)."""
+    reason = why_not(model, fp16, offloaded)
     if reason is not None:
         log.info("cuda graphs: off (%s)", reason)
         return 0
@@ -327,7 +332,7 @@ class LayerGraphs:
             g.x = h
             feeds = i + 1 < n and graphs[i + 1].offload  # the next layer keeps nothing of this output
             g.copy_out = g.offload and i > 0  # layer 0's input is x0, which stays until the next forward
-            g.wait_copy = i - 1 if feeds and graphs[i - 1].copy_out else None  # ahead[i % 2] held its input
+            g.wait_copy = i - 1 if feeds and i > 1 and graphs[i - 1].copy_out else None  # ahead[i % 2]: its input
             g.fwd = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g.fwd, pool=self.pool), autocast, torch.set_grad_enabled(not g.offload):
                 out, extra = split(run(layer, h))

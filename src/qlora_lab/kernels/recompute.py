@@ -22,55 +22,50 @@ import contextlib
 
 import torch
 
-_depth = 0  # > 0 while a recomputation runs (the autograd engine's thread; forwards never overlap it)
-_first = 0  # > 0 while an offloaded layer runs its first forward, without autograd but as training
+class _Depth:
+    """A context that counts how deep its own `with` blocks nest (a module-wide flag that nests)."""
 
+    def __init__(self):
+        self.n = 0
 
-class _Recomputing:
     def __enter__(self):
-        global _depth
-        _depth += 1
+        self.n += 1
 
     def __exit__(self, *exc):
-        global _depth
-        _depth -= 1
+        self.n -= 1
+
+
+# Entered while a recomputation runs (the autograd engine's thread; forwards never overlap it).
+_recomputation = _Depth()
+# Entered while an offloaded layer runs its first forward, without autograd but as training.
+_first_forward = _Depth()
 
 
 def context_fn():
     """(forward context, recomputation context) for torch.utils.checkpoint(..., context_fn=context_fn)."""
-    return contextlib.nullcontext(), _Recomputing()
+    return contextlib.nullcontext(), _recomputation
 
 
-def recomputing():
+def recomputing() -> _Depth:
     """The context of a recomputation (what torch's checkpoint enters through context_fn); graphs.py captures
     an offloaded layer's recomputation in it."""
-    return _Recomputing()
+    return _recomputation
 
 
-class _FirstForward:
-    def __enter__(self):
-        global _first
-        _first += 1
-
-    def __exit__(self, *exc):
-        global _first
-        _first -= 1
-
-
-def first_forward():
+def first_forward() -> _Depth:
     """The context of an offloaded layer's first forward: no autograd graph, the training arithmetic."""
-    return _FirstForward()
+    return _first_forward
 
 
 def active() -> bool:
     """Whether the forward running now is a recomputation, whose output nobody reads."""
-    return _depth > 0
+    return _recomputation.n > 0
 
 
 def training_without_grad() -> bool:
     """Whether an offloaded layer's first forward runs now: no autograd graph, but the training arithmetic
     (fused LoRA and its dropout masks), which the recomputation in the backward must repeat exactly."""
-    return _first > 0
+    return _first_forward.n > 0
 
 
 # ----------------------------------------------------------------------------- offloaded checkpoints
@@ -145,6 +140,7 @@ class _Stash:
         has written it; whatever overwrites x must first `wait_out(slot)`."""
         buf = self._host(slot, x)
         self.owner[slot] = None  # an eager backward may not read what a replay wrote
+        self.in_done.pop(slot, None)  # a copy back started before this one (a forward without backward) is stale
         if self.stream is None:
             self.stream = torch.cuda.Stream(x.device)
         self.stream.wait_stream(torch.cuda.current_stream(x.device))
@@ -209,7 +205,7 @@ class _Offloaded(torch.autograd.Function):
             torch.set_rng_state(cpu_rng)
             if cuda_rng is not None:
                 torch.cuda.set_rng_state(cuda_rng, device)
-            with torch.enable_grad(), torch.autocast(device.type, dtype=dtype, enabled=enabled), _Recomputing():
+            with torch.enable_grad(), torch.autocast(device.type, dtype=dtype, enabled=enabled), _recomputation:
                 out = ctx.run(x)
         torch.autograd.backward(out, grad)  # adapter gradients accumulate into their .grad (reentrant style)
         return None, None, x.grad

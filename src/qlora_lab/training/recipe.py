@@ -232,7 +232,7 @@ def load_data(cfg: Config, tokenizer, run: RunFolder):
 
 def load_model(cfg: Config, plan, run: RunFolder):
     from .. import kernels
-    from ..kernels import fused_lora, graphs, grouped_lora, lora_mlp, nf4
+    from ..kernels import levers
     from ..model import add_lora
     from ..model import load_model as load_base
 
@@ -249,13 +249,7 @@ def load_model(cfg: Config, plan, run: RunFolder):
     fused = kernels.apply(model) if plan.kernels == "liger" else []
     # All, none, or the first plan.recompute_layers decoder layers recompute their activations.
     model, lora = add_lora(model, cfg, plan.recompute_layers, plan.offload_checkpoints)
-    n_fused = fused_lora.enable(model) if plan.fused_lora else 0
-    n_groups = grouped_lora.group(model) if n_fused and cfg.train.group_lora else 0
-    n_mlp = lora_mlp.enable(model) if n_fused and cfg.train.fused_mlp else 0
-    nf4.enable(cfg.train.nf4_kernel)
-    n_graphed = graphs.enable(model, fp16=plan.mixed_precision == "fp16") if n_fused and cfg.train.cuda_graphs else 0
-    summary.update(lora, kernels=fused, fused_lora_modules=n_fused, lora_groups=n_groups, fused_mlp_blocks=n_mlp,
-                   nf4_kernel=cfg.train.nf4_kernel, cuda_graph_layers=n_graphed,
+    summary.update(lora, kernels=fused, **levers.switch(model, plan, cfg.train),
                    gradient_checkpointing=plan.recompute_layers > 0, offload_checkpoints=plan.offload_checkpoints)
     run.write_json("model_summary.json", summary)
     q, dtype = summary["quantization"], summary["compute_dtype"]  # the dtype of the plan, not a guess

@@ -41,11 +41,12 @@ def test_graphs_decline_layers_they_cannot_replay_faithfully(monkeypatch):
     base = plain.get_base_model()
     layers = graphs.decoder_layers(base)
     set_recomputation(base, plain.config.num_hidden_layers, offload=True)
-    assert graphs.why_not(plain) is None  # offloaded layers replay too, their copies between the replays
+    assert graphs.why_not(plain).startswith("offloaded checkpoints")  # train.offload_graphs is off by default
+    assert graphs.why_not(plain, offloaded=True) is None  # their copies run between the replays
     off_all = graphs._recomputation(layers)
     assert off_all == ((True, True),) * len(layers)
     layers[0].gradient_checkpointing = False  # kept, then offloaded: the buffers used in turn would not do
-    assert graphs.why_not(plain).startswith("an offloaded layer after one that is not")
+    assert graphs.why_not(plain, offloaded=True).startswith("an offloaded layer after one that is not")
     set_recomputation(base, plain.config.num_hidden_layers)  # torch's own checkpoint: the graphs recompute it
     assert graphs.why_not(plain) is None
     assert graphs._recomputation(layers) == ((True, False),) * len(layers) != off_all  # a key apart
