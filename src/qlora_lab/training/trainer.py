@@ -1,4 +1,5 @@
-"""The Trainer subclass: counts trained tokens, checks losses and weights are finite, survives an OOM evaluation."""
+"""The Trainer subclass: counts trained tokens, checks losses and weights are finite, survives an OOM evaluation,
+and keeps the host's per-step bookkeeping off the GPU's idle time."""
 from __future__ import annotations
 
 import logging
@@ -24,6 +25,8 @@ class Trainer(_HFTrainer):
         self._tokens_resumed = 0
         self._local_tokens = 0       # this process, this session
         self._step_finite = None     # all micro-batch losses of this optimizer step finite (tensor)
+        self._flops_per_token = None  # floating_point_ops' parameter term, counted once
+        _zero_grad_trainable_only(self.model)
 
     def create_optimizer(self, *a, **kw):
         """The Trainer's optimizer; with optimizer_sync "per-step" a bitsandbytes one syncs once per step."""
@@ -117,6 +120,19 @@ class Trainer(_HFTrainer):
         self.tokens_trained = self._tokens_resumed + n
         return self.tokens_trained
 
+    def floating_point_ops(self, inputs) -> float:
+        """The Trainer's estimate (6 x parameters x tokens, for total_flos), with the parameters counted once: the
+        Trainer asks every micro-batch, and counting walks every module (3.4 ms for a 7B LoRA model on a 2-core
+        host: an H200 trains 4,096 tokens in ~290 ms)."""
+        main = getattr(self.model, "main_input_name", "input_ids")
+        if not isinstance(inputs, dict) or main not in inputs:
+            return super().floating_point_ops(inputs)
+        if self._flops_per_token is None:
+            import torch
+
+            self._flops_per_token = super().floating_point_ops({main: torch.zeros(1, 1)})
+        return self._flops_per_token * inputs[main].numel()
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.get("labels")
         if labels is not None and model.training:
@@ -124,3 +140,35 @@ class Trainer(_HFTrainer):
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
 
+
+
+def _zero_grad_trainable_only(model) -> None:
+    """`model.zero_grad()` over the parameters that can have a gradient only. The Trainer calls it after every
+    optimizer step, which ends in a device sync: the GPU waits while the host runs it, and nn.Module's walks every
+    module (2,665 in a 7B LoRA model: 2.0 ms on a 2-core host, against 0.02 ms for its 448 adapter tensors).
+    The set is taken when the Trainer is built, as the optimizer's is. Under FSDP the Trainer calls the wrapper's
+    zero_grad over its flat parameters, so the model is left as it is."""
+    import types
+
+    import torch
+
+    from ..distributed import fsdp_active
+
+    if not isinstance(model, torch.nn.Module) or fsdp_active():
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in params:
+            if p.grad is None:
+                continue
+            if set_to_none:
+                p.grad = None
+            else:
+                if p.grad.grad_fn is not None:
+                    p.grad.detach_()
+                else:
+                    p.grad.requires_grad_(False)
+                p.grad.zero_()
+
+    model.zero_grad = types.MethodType(zero_grad, model)
