@@ -138,7 +138,9 @@ def estimate_peak_gib(mc, bits, tokens: int, recompute_layers: int, lora_r: int 
                       graphs: bool = False, fp16: bool = False) -> float:
     """Peak GPU memory (GiB) of one training step with `tokens` per micro-batch and the first
     `recompute_layers` decoder layers recomputed (fused_ce: our kernels; offload: their inputs in CPU memory;
-    graphs: the layers replay from CUDA graphs, which stand aside where the inputs are offloaded; fp16: fp16
+    graphs: the layers replay from CUDA graphs, whose pool is counted where recomputed inputs stay on the GPU: with
+    offloaded inputs the graphs stand aside unless train.offload_graphs, unmeasured, and nothing of an offloaded
+    layer outlives its own replay; fp16: fp16
     compute with fp32 embeddings, norms and head, as a T4 trains)."""
     s = _shape(mc)
     n = s["layers"]
