@@ -221,6 +221,8 @@ class LayerGraphs:
 
     def drop(self) -> None:
         """Free the graphs and their memory pool."""
+        if self.graphs and recompute.stash.stream is not None:  # a copy may still read a buffer freed here
+            torch.cuda.current_stream().wait_stream(recompute.stash.stream)
         self.graphs, self.key, self.pool, self.kwargs_src, self.kwargs_static, self.live = [], None, None, None, [], None
 
     def pending(self) -> bool:
