@@ -99,8 +99,8 @@ class TrainConfig:
     offload_checkpoints: Union[str, bool] = _f(
         "auto", "recomputed layers keep their input in pinned CPU memory until the backward (kernels/recompute.py): "
         "2 x hidden bytes per token and layer less GPU memory (1 GiB for a 7B at 4,096 tokens), copies hidden behind "
-        "the matmuls, layers run eagerly (unless offload_graphs); auto = where the plan finds it fastest within the budget; "
-        "one GPU only", choices=("auto", True, False))
+        "the matmuls, layers run eagerly (unless offload_graphs); auto = where the plan finds it fastest within the "
+        "budget; one GPU only", choices=("auto", True, False))
     kernels: str = _f("auto", "fused Triton kernels (Liger) on CUDA: auto = where supported", choices=("auto", "liger", "none"))
     fused_lora: Union[str, bool] = _f(
         "auto", "one autograd function per LoRA layer (dequantize + matmul + adapter) instead of peft's module "

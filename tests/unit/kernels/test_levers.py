@@ -23,7 +23,8 @@ def test_switch_sets_and_undoes_every_lever():
     assert got == {"fused_lora_modules": 7 * n, "lora_groups": 2 * n, "fused_mlp_blocks": n, "nf4_kernel": True,
                    "cuda_graph_layers": 0}  # q/k/v and gate/up grouped; no CUDA here: no graphs
     assert fused_lora.count(model) == 7 * n and grouped_lora.count(model) == 2 * n and lora_mlp.count(model) == n
-    got = levers.switch(model, fused, _train("train.group_lora=false", "train.fused_mlp=false", "train.nf4_kernel=false"))
+    off = ("train.group_lora=false", "train.fused_mlp=false", "train.nf4_kernel=false")
+    got = levers.switch(model, fused, _train(*off))
     assert got["lora_groups"] == 0 and grouped_lora.count(model) == 0
     assert got["fused_mlp_blocks"] == 0 and lora_mlp.count(model) == 0 and not nf4.enabled()
     levers.switch(model, fused, _train())
