@@ -135,7 +135,8 @@ def _run_worker(spec: dict, cmd: list, env: dict, timeout, cwd=None) -> tuple[li
         rc, tail = p.returncode, (p.stderr or "")[-3000:]
         sys.stderr.write(tail)
     except subprocess.TimeoutExpired as e:
-        rc, tail = "timeout", (e.stderr or b"")[-3000:] if isinstance(e.stderr, bytes) else str(e.stderr or "")[-3000:]
+        err = e.stderr or ""  # bytes here, even with text=True (what the pipe held when the timeout struck)
+        rc, tail = "timeout", (err.decode(errors="replace") if isinstance(err, bytes) else err)[-3000:]
     events = []
     if out.is_file():
         for line in out.read_text().splitlines():
