@@ -22,12 +22,13 @@ MICRO_BATCH_OVERHEAD_TOKENS = 3000
 # Recomputing a frozen-base layer costs half again its forward+backward (the backward of a frozen
 # weight is one matmul, like the forward): every layer recomputed = +50% matmul work.
 RECOMPUTE_COST = 0.5
-# A recomputed layer whose input waits in CPU memory (kernels/recompute.py) runs eagerly (layer graphs stand
-# aside) and copies its input out and back: priced at this fraction of the step more, so the plan offloads
-# only where that buys a fit or lets enough layers keep their activations.
-# Priced from run 13 (H200, every layer recomputed: 10,021 tok/s with graphs, 8,850 offloaded; that run's offloaded
-# first forward took peft's slower path, fixed since); runs 16-17 measured offloading (the layer graphs standing
-# aside) 13% (dropout 0.05) and 28% (dropout 0) slower at 8x512, 1% and 17% at 2x2048: 0.13 is about their mean.
+# A recomputed layer whose input waits in CPU memory (kernels/recompute.py) copies its input out and back:
+# priced at this fraction of the step more, so the plan offloads only where that buys a fit or lets enough layers
+# keep their activations. Priced from runs 16-17 (H200), when offloaded layers ran eagerly (the layer graphs
+# standing aside): 13% (dropout 0.05) and 28% (dropout 0) slower than every layer recomputed with the graphs at
+# 8x512, 1% and 17% at 2x2048; 0.13 is about their mean. Since the graphs replay offloaded layers too
+# (train.offload_graphs) run 20 (H100, dropout 0, 8x512) measured 0.7% (10,439 against 10,510 tok/s). Kept at 0.13
+# until a run measures a budgeted plan that offloads some of its layers: the plan still offloads only to fit.
 OFFLOAD_COST = 0.13
 # With layer graphs (kernels/graphs.py) and some layers recomputed, the graphs' pool holds the working memory of
 # the captured recomputations beside the saved activations: ~5 full layers' activations, measured on an H200
@@ -139,8 +140,8 @@ def estimate_peak_gib(mc, bits, tokens: int, recompute_layers: int, lora_r: int 
     """Peak GPU memory (GiB) of one training step with `tokens` per micro-batch and the first
     `recompute_layers` decoder layers recomputed (fused_ce: our kernels; offload: their inputs in CPU memory;
     graphs: the layers replay from CUDA graphs, whose pool is counted where recomputed inputs stay on the GPU: with
-    offloaded inputs the graphs stand aside unless train.offload_graphs, unmeasured, and nothing of an offloaded
-    layer outlives its own replay; fp16: fp16
+    offloaded inputs nothing of an offloaded layer outlives its own replay (bench run 20, every layer offloaded:
+    6.0 GiB allocated with the graphs, 5.8 without, against an estimate of 8.1); fp16: fp16
     compute with fp32 embeddings, norms and head, as a T4 trains)."""
     s = _shape(mc)
     n = s["layers"]

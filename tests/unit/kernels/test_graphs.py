@@ -41,7 +41,7 @@ def test_graphs_decline_layers_they_cannot_replay_faithfully(monkeypatch):
     base = plain.get_base_model()
     layers = graphs.decoder_layers(base)
     set_recomputation(base, plain.config.num_hidden_layers, offload=True)
-    assert graphs.why_not(plain).startswith("offloaded checkpoints")  # train.offload_graphs is off by default
+    assert graphs.why_not(plain).startswith("offloaded checkpoints")  # train.offload_graphs: false
     assert graphs.why_not(plain, offloaded=True) is None  # their copies run between the replays
     off_all = graphs._recomputation(layers)
     assert off_all == ((True, True),) * len(layers)
