@@ -80,9 +80,7 @@ def why_not(model, fp16: bool = False, offloaded: bool = False) -> str | None:
     layers = decoder_layers(model)
     if not layers:
         return "no decoder layers found"
-    from .recompute import is_offloaded
-
-    off = [is_offloaded(l) for l in layers]
+    off = [recompute.is_offloaded(l) for l in layers]
     if any(off) and not offloaded:
         return ("offloaded checkpoints (their copies to and from CPU memory run between layers; "
                 "train.offload_graphs replays them too)")
@@ -137,9 +135,7 @@ def captures(model) -> int:
 
 def _recomputation(layers) -> tuple:
     """Per layer: recomputed or not, and whether its input waits in CPU memory."""
-    from .recompute import is_offloaded
-
-    return tuple((bool(getattr(l, "gradient_checkpointing", False)), is_offloaded(l)) for l in layers)
+    return tuple((bool(getattr(l, "gradient_checkpointing", False)), recompute.is_offloaded(l)) for l in layers)
 
 
 def _key(x, kwargs, training_layers):
@@ -259,8 +255,6 @@ class LayerGraphs:
 
         from torch.utils.checkpoint import checkpoint
 
-        from .recompute import context_fn, first_forward, is_offloaded
-
         recompute.stash.release_idle()  # the eager steps' host buffers: the graphs keep their own
         t0 = time.perf_counter()
         self.drop()
@@ -276,12 +270,12 @@ class LayerGraphs:
 
         def run(layer, h):
             fn = partial(_raw_forward(layer), layer, **kw)
-            if is_offloaded(layer) and not torch.is_grad_enabled():
-                with first_forward():  # no autograd graph, the training arithmetic (recompute.py)
+            if recompute.is_offloaded(layer) and not torch.is_grad_enabled():
+                with recompute.first_forward():  # no autograd graph, the training arithmetic (recompute.py)
                     return fn(h)
             if getattr(layer, "gradient_checkpointing", False):
                 return checkpoint(fn, h, use_reentrant=False, preserve_rng_state=False,  # dropout.py: no generator
-                                  context_fn=context_fn)  # marks the recomputation (lora_mlp.py skips a matmul)
+                                  context_fn=recompute.context_fn)  # marks it: lora_mlp.py skips a matmul
             return fn(h)
 
         def split(out):
@@ -290,7 +284,7 @@ class LayerGraphs:
         graphs = [_Graph(i) for i in range(n)]
         swapped = [_swap_in_leaves(layer) for layer in self.layers]
         for g, layer in zip(graphs, self.layers):
-            g.offload = is_offloaded(layer)
+            g.offload = recompute.is_offloaded(layer)
             g.recompute = partial(_raw_forward(layer), layer, **kw)
         try:
             self._capture(graphs, swapped, x0, gbuf, run, split, autocast)
@@ -304,8 +298,6 @@ class LayerGraphs:
                  time.perf_counter() - t0)
 
     def _capture(self, graphs, swapped, x0, gbuf, run, split, autocast) -> None:
-        from .recompute import recomputing
-
         n = len(graphs)
         for g, s in zip(graphs, swapped):
             g.params = [p for _, _, p, _ in s]
@@ -357,7 +349,7 @@ class LayerGraphs:
             inputs = ([x] if wants_gin else []) + g.leaves
             with torch.cuda.graph(g.bwd, pool=self.pool):
                 if g.offload:
-                    with autocast, recomputing():  # recompute.py: the recomputed MLP skips its down matmul
+                    with autocast, recompute.recomputing():  # recompute.py: the recomputed MLP skips its down matmul
                         out, _ = split(g.recompute(x))
                 else:
                     out = g.out

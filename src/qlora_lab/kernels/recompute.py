@@ -169,7 +169,6 @@ class _Stash:
         self.copy_in(slot, dst)
         torch.cuda.current_stream(dst.device).wait_event(self.in_done.pop(slot))
 
-
     def release_idle(self) -> None:
         """Free the pinned buffers of the eager offloaded layers whose input nobody waits for."""
         for slot in [k for k in self.host if isinstance(k, int) and self.owner.get(k) is None]:
