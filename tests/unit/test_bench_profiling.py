@@ -69,3 +69,25 @@ def test_profile_needs_a_timed_step_left(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "--steps >= 5" in err, err
     assert not (tmp_path / "b.json").exists() and not (tmp_path / "p").exists()
+
+
+def test_idle_gaps_are_the_span_less_the_union_of_kernels_named_by_their_neighbours():
+    us = 1000  # ns
+    spans = [  # two steps; "copy" overlaps the matmul on a side stream, so it hides no idle time
+        ("gemm_a", 0, 100 * us), ("memcpy128", 50 * us, 120 * us), ("_rms_norm_forward_kernel", 125 * us, 200 * us),
+        ("void kOptimizer32bit2State<float, 0>", 200 * us, 260 * us),
+        ("gemm_a", 900 * us, 1000 * us),  # 640 us after the optimizer: the step boundary
+        ("gemm_a", 1030 * us, 1100 * us),  # a 30 us gap between matmuls
+    ]
+    got = profiling.idle(spans, steps=2)
+    assert abs(got["span_ms_per_step"] - 0.55) < 1e-9
+    assert abs(got["idle_ms_per_step"] - (5 + 640 + 30) / 2e3) < 1e-9  # the 5 us gap is short, but counted
+    assert abs(got["short_gaps_ms_per_step"] - 0.0025) < 1e-9
+    assert [(g["before"], g["after"]) for g in got["gaps"]] == [
+        ("void kOptimizer32bit2State<float, 0>", "gemm_a"), ("gemm_a", "gemm_a")]
+    assert [(g["before"], g["after"], g["per_step"]) for g in got["gaps_by_kind"]] == [
+        ("optimizer", "matmul", 0.5), ("matmul", "matmul", 0.5)]
+    table = profiling.text("t", {**profiling.summarize([("gemm_a", 1.0, 1)], 2, 0.01), "idle": got})
+    assert "GPU idle: 0.34 ms per step of a " in table
+    assert "optimizer -> matmul | 0.320 | 0.5" in table
+    assert profiling.idle([], steps=3)["idle_ms_per_step"] == 0.0

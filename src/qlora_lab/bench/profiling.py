@@ -2,8 +2,9 @@
 
 Each worker profiles the last STEPS steps of every row (torch.profiler: GPU kernels; on a machine without
 CUDA, CPU ops) and writes
-DIR/<preset>-<row>-<seq_len>x<batch_size>.txt (the kernels by device time per step, and the time per step
-in each kind: matmul, attention, NF4, dropout, ...) and a .json twin. The profiled steps are left out of
+DIR/<preset>-<row>-<seq_len>x<batch_size>.txt (the kernels by device time per step, the time per step
+in each kind: matmul, attention, NF4, dropout, ..., and on a GPU where it sat idle: the gaps between kernels,
+each named by the kernels on either side) and a .json twin. The profiled steps are left out of
 the row's median step time (`timed`), so its tokens/s are not the profiler's.
 
 This file imports nothing from qlora_lab and no torch at import: the peer's worker (unsloth_worker.py),
@@ -64,6 +65,45 @@ def summarize(kernels: list[tuple[str, float, int]], steps: int, wall_s: float) 
                          "kind": kind_of(n)} for n, us, c in per_step]}
 
 
+GAP_NS = 20_000  # idle gaps this long or longer are listed one by one (shorter ones only counted)
+
+
+def idle(intervals: list[tuple[str, int, int]], steps: int, top: int = 15) -> dict:
+    """Where the GPU sat idle: `intervals` are (kernel name, start ns, end ns) on any stream, over `steps` steps.
+
+    Busy time is the union of the intervals (kernels of two streams overlap); idle time is the rest of the span
+    from the first start to the last end. Each gap of GAP_NS or more is named by the kernels that end before it
+    and start after it; gaps are also summed by that pair of kinds, which says where in a step the GPU waits
+    on the host (e.g. optimizer -> embedding: the step boundary).
+    """
+    if not intervals:
+        return {"span_ms_per_step": 0.0, "idle_ms_per_step": 0.0, "short_gaps_ms_per_step": 0.0,
+                "gaps": [], "gaps_by_kind": []}
+    order = sorted(intervals, key=lambda k: (k[1], k[2]))
+    gaps, short, end, last = [], 0, order[0][2], order[0][0]
+    for name, start, stop in order[1:]:
+        if start > end:
+            if start - end >= GAP_NS:
+                gaps.append((start - end, last, name))
+            else:
+                short += start - end
+        if stop >= end:
+            end, last = stop, name
+    span = end - order[0][1]
+    pairs: dict[tuple[str, str], list] = {}
+    for ns, before, after in gaps:
+        acc = pairs.setdefault((kind_of(before), kind_of(after)), [0, 0])
+        acc[0] += ns
+        acc[1] += 1
+    ms = 1e6 * steps
+    return {"span_ms_per_step": span / ms,
+            "idle_ms_per_step": (sum(g[0] for g in gaps) + short) / ms,
+            "short_gaps_ms_per_step": short / ms,
+            "gaps": [{"ms": ns / 1e6, "before": b, "after": a} for ns, b, a in sorted(gaps, reverse=True)[:top]],
+            "gaps_by_kind": [{"before": b, "after": a, "ms_per_step": v[0] / ms, "per_step": v[1] / steps}
+                             for (b, a), v in sorted(pairs.items(), key=lambda kv: -kv[1][0])]}
+
+
 def text(title: str, s: dict, top: int = 40) -> str:
     lines = [title, f"{s['steps']} steps profiled: {s['wall_ms_per_step']:.1f} ms per step wall, "
              f"{s['gpu_busy_ms_per_step']:.1f} ms in the profiled ops (GPU kernels; CPU ops without CUDA)", "", "kind | ms per step", "---|---:"]
@@ -71,6 +111,15 @@ def text(title: str, s: dict, top: int = 40) -> str:
     lines += ["", f"top {top} kernels | ms per step | calls per step | kind", "---|---:|---:|---"]
     lines += [f"{k['name'][:120]} | {k['ms_per_step']:.3f} | {k['calls_per_step']:g} | {k['kind']}"
               for k in s["kernels"][:top]]
+    gaps = s.get("idle")
+    if gaps and gaps["span_ms_per_step"]:
+        lines += ["", f"GPU idle: {gaps['idle_ms_per_step']:.2f} ms per step of a {gaps['span_ms_per_step']:.1f} ms span "
+                  f"(first kernel to last); {gaps['short_gaps_ms_per_step']:.2f} ms of it in gaps under "
+                  f"{GAP_NS // 1000} us", "", "gaps by kinds on either side | ms per step | gaps per step", "---|---:|---:"]
+        lines += [f"{g['before']} -> {g['after']} | {g['ms_per_step']:.3f} | {g['per_step']:g}"
+                  for g in gaps["gaps_by_kind"]]
+        lines += ["", "largest gaps | ms | kernel before | kernel after", "---|---:|---|---"]
+        lines += [f"{i + 1} | {g['ms']:.3f} | {g['before'][:70]} | {g['after'][:70]}" for i, g in enumerate(gaps["gaps"])]
     return "\n".join(lines) + "\n"
 
 
@@ -109,11 +158,24 @@ class StepProfiler:
         kernels = [(e.key, float(e.self_device_time_total if cuda else e.self_cpu_time_total), int(e.count))
                    for e in self._prof.key_averages()]
         kernels = [k for k in kernels if k[1] > 0]
+        spans = _device_intervals(self._prof) if cuda else []
         self._prof = None
         s = summarize(kernels, STEPS, wall)
+        if spans:
+            s["idle"] = idle(spans, STEPS)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"{self.name}.json").write_text(json.dumps({"title": self.title, **s}, indent=1))
         (self.out_dir / f"{self.name}.txt").write_text(text(self.title, s))
+
+
+def _device_intervals(prof) -> list[tuple[str, int, int]]:
+    """(name, start ns, end ns) of every GPU activity (kernels, copies, sets) the profiler recorded."""
+    try:
+        events = prof.profiler.kineto_results.events()
+    except AttributeError:  # a torch without kineto results: no gap table
+        return []
+    return [(e.name(), e.start_ns(), e.start_ns() + e.duration_ns()) for e in events
+            if str(e.device_type()).endswith("CUDA") and e.duration_ns() > 0]
 
 
 def _sync() -> None:
