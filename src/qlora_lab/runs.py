@@ -15,8 +15,10 @@
                            damaged-checkpoint-N: one that --resume passed over, kept to look at
 
 Everything but metrics.jsonl is written to a temp file and renamed, so a crash never leaves a
-half-written file; metrics.jsonl is appended line by line (flushed and fsynced) and, on resume,
-cut back to the checkpoint's step so no step appears twice.
+half-written file; metrics.jsonl is appended line by line (flushed every line, so a crashed process loses
+none; fsynced before a checkpoint is marked whole and at every status change, not every step: an fsync can
+take milliseconds, and the GPU waits for the host between steps) and, on resume, cut back to the
+checkpoint's step so no step appears twice.
 
 Read back, every file may still be damaged (a disk that filled, a copy cut short, a hand edit): each
 reader names the file and what is wrong in one line, and --resume takes the newest checkpoint that is
@@ -165,6 +167,7 @@ class RunFolder:
         atomic_write_json(self.path / name, obj)
 
     def set_status(self, status: str, **extra) -> None:
+        self.sync_metrics()  # what the status reports on is on disk before the status is
         self.write_json("status.json", {"status": status, **extra})
 
     def status(self) -> str | None:
@@ -177,7 +180,12 @@ class RunFolder:
             return
         with open(self.metrics_file, "a", encoding="utf-8") as f:
             f.write(json.dumps(_clean(row)) + "\n")
-            f.flush()
+
+    def sync_metrics(self) -> None:
+        """metrics.jsonl on disk (fsync): before a checkpoint that expects its rows is marked whole."""
+        if not self.writer or not self.metrics_file.is_file():
+            return
+        with open(self.metrics_file, "ab") as f:
             os.fsync(f.fileno())
 
     def metrics(self) -> list[dict]:

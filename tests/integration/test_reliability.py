@@ -377,6 +377,24 @@ def test_linear_layer_left_16bit_is_refused_end_to_end(tmp_path, capsys, monkeyp
 
 # ----------------------------------------------------------------------------- run folder units
 
+def test_metrics_rows_reach_the_file_at_once_and_the_disk_at_status_changes(tmp_path, monkeypatch):
+    """A row is in metrics.jsonl as soon as it is appended (a crashed process loses none), but only a status
+    change or a checkpoint (RunCallback.on_save) fsyncs it: not every step, where the GPU waits on the host."""
+    synced = []
+    real = os.fsync
+
+    def fsync(fd):
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    run = RunFolder(tmp_path)
+    for step in range(1, 4):
+        run.append_metric({"step": step, "loss": 1.0 / step})
+    assert [r["step"] for r in run.metrics()] == [1, 2, 3] and synced == []
+    run.set_status("completed", step=3)
+    assert synced[0] == "metrics.jsonl" and run.status() == "completed"
+
 def test_truncate_metrics_drops_redone_steps_and_a_cut_line(tmp_path):
     run = RunFolder(tmp_path)
     for s in (1, 2, 3):

@@ -92,6 +92,7 @@ class RunCallback(_HFCallback):
             return
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if ckpt.is_dir():
+            self.run.sync_metrics()  # the rows this checkpoint's resume expects (RunFolder.check_checkpoint)
             if full is not None:
                 from ..distributed import write_adapter
 
