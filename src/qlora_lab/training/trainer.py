@@ -94,7 +94,8 @@ class Trainer(_HFTrainer):
         """All trainable weights finite, agreed by all processes (a collective: under FSDP each holds a shard)."""
         import torch
 
-        ok = all(bool(p.detach().isfinite().all()) for p in self.model.parameters() if p.requires_grad)
+        flags = [p.detach().isfinite().all() for p in self.model.parameters() if p.requires_grad]
+        ok = bool(torch.stack(flags).all()) if flags else True  # one device sync, not one per tensor
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             t = torch.tensor(int(ok), dtype=torch.int32, device=self.args.device)
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)

@@ -80,3 +80,15 @@ def test_zero_grad_clears_the_trainable_parameters_only(tmp_path):
     model.zero_grad()
     assert model.w.weight.grad is None and model.w.bias.grad is None
     assert model.frozen.weight.grad.eq(1).all()
+
+
+def test_adapters_finite_reads_every_trainable_tensor_and_only_those(tmp_path):
+    model = _Counted()
+    tr = _trainer(tmp_path, model)
+    assert tr.adapters_finite()
+    with torch.no_grad():
+        model.frozen.weight[0, 0] = float("nan")  # frozen: not an adapter
+    assert tr.adapters_finite()
+    with torch.no_grad():
+        model.w.bias[0] = float("inf")
+    assert not tr.adapters_finite()
