@@ -52,6 +52,9 @@ def test_bench_cli_tiny_presets_agree_with_baseline(bench_tiny):
     for row in rows.values():
         assert row["status"] == "ok" and row["steps"] == 3 and len(row["losses"]) == 3
         assert len(row["host_probe_ms"]) == 3 and min(row["host_probe_ms"]) > 0  # the host probe after each step
+        # where the host was in each step, every path (median over the timed steps)
+        assert list(row["host_phases_ms"]) == ["batch", "backward", "optimizer", "bookkeeping"]
+        assert min(row["host_phases_ms"].values()) >= 0 and row["host_phases_ms"]["backward"] > 0
         for key in ("median_step_s", "tokens_per_s", "weights_bytes", "flops_per_token", "n_lora_modules"):
             assert row[key] > 0, key
         assert "peak_allocated_bytes" in row and "peak_reserved_bytes" in row and row["mfu"] is None  # CPU

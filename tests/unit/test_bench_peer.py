@@ -122,6 +122,9 @@ def test_peer_rows_get_our_flops_and_say_when_weights_stay_16bit():
     assert ("Host probe (a fixed Python loop between steps, ms; first half / second half of the steps: a rise "
             "means the host slowed, not the step): unsloth[gc=unsloth] 8x512 1.10 / 2.20; "
             "unsloth[gc=off] 8x512 1.00 / 1.00.") in markdown(report)
+    assert "Host timeline" not in markdown(report)
+    off["host_phases_ms"] = {"batch": 0.21, "backward": 30.0, "optimizer": 250.25, "bookkeeping": 0.5}
+    assert "unsloth[gc=off] 8x512 0.2 / 30.0 / 250.2 / 0.5." in markdown(report).split("Host timeline")[1]
 
 
 def _script(path, text):
@@ -174,3 +177,18 @@ def test_peer_worker_probes_the_host_with_our_loop():
     assert unsloth_worker.host_probe_ms.__code__.co_code == worker.host_probe_ms.__code__.co_code
     assert unsloth_worker.host_probe_ms.__defaults__ == worker.host_probe_ms.__defaults__
     assert worker.host_probe_ms(1000) > 0
+
+
+def test_both_workers_split_a_step_into_the_same_host_phases():
+    """Each worker records when the host reached each milestone of a step, from the previous step's end."""
+    from qlora_lab.bench import unsloth_worker, worker
+
+    marks = {"batch": 10.001, "backward": 10.031, "optimizer": 10.281, "bookkeeping": 10.2815}
+    want = {"batch": 1.0, "backward": 30.0, "optimizer": 250.0, "bookkeeping": 0.5}
+    for w in (worker, unsloth_worker):
+        got = w.host_phases(10.0, marks)
+        assert list(got) == list(want) and all(abs(got[k] - want[k]) < 1e-6 for k in want)
+        assert list(w.host_phases(10.0, {"batch": 10.5, "optimizer": 11.0})) == ["batch", "optimizer"]
+    steps = [{"batch": 1.0, "optimizer": 5.0}, {"batch": 3.0, "optimizer": 1.0}, {"batch": 2.0, "optimizer": 9.0}]
+    assert worker._median_phases(steps) == unsloth_worker.median_phases(steps) == {"batch": 2.0, "optimizer": 5.0}
+    assert worker.PHASES == unsloth_worker.PHASES

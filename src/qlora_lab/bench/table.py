@@ -110,6 +110,13 @@ def markdown(report: dict) -> str:
                      "a rise means the host slowed, not the step): "
                      + "; ".join(f"{r['path']} {r['batch_size']}x{r['seq_len']} {a:.2f} / {b:.2f}"
                                  for r, (a, b) in ((r, early_late(x)) for r, x in probes)) + ".")
+    phased = [r for r in report["rows"] if r.get("host_phases_ms")]
+    if phased:
+        lines.append("\nHost timeline (median host ms per step from the previous step's end: next batch / forward and "
+                     "backward launched, gradients clipped / optimizer step returned / bookkeeping; a phase that "
+                     "waits for the GPU holds the wait): "
+                     + "; ".join(f"{r['path']} {r['batch_size']}x{r['seq_len']} "
+                                 + " / ".join(f"{v:.1f}" for v in r["host_phases_ms"].values()) for r in phased) + ".")
     for c in report.get("scaling") or []:
         line = f"\n{c['preset']} {c['path']} ({c['world_size']} GPUs, {c['batch_size']}x{c['seq_len']} in all) vs {c['reference']} on 1 GPU:"
         if "speedup" in c:

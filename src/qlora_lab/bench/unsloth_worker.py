@@ -159,6 +159,24 @@ def host_probe_ms(n: int = 20000) -> float:
     return (time.perf_counter() - t) * 1e3
 
 
+PHASES = ("batch", "backward", "optimizer", "bookkeeping")  # as bench/worker.py's host_phases
+
+
+def host_phases(t0: float, marks: dict) -> dict:
+    """Host milliseconds from the previous step's end to each milestone, each from the one before (worker.py)."""
+    out, last = {}, t0
+    for name in PHASES:
+        if name in marks:
+            out[name] = round((marks[name] - last) * 1e3, 3)
+            last = marks[name]
+    return out
+
+
+def median_phases(phases: list) -> dict:
+    names = [n for n in PHASES if phases and all(n in p for p in phases)]
+    return {n: round(statistics.median(p[n] for p in phases), 3) for n in names}
+
+
 def train_shape(spec: dict, model, facts: dict, init: dict, seq_len: int, batch_size: int) -> dict:
     """Train one shape from the initial LoRA weights with a fresh optimizer; the row's measured keys."""
     import torch
@@ -186,21 +204,28 @@ def train_shape(spec: dict, model, facts: dict, init: dict, seq_len: int, batch_
                                       spec["steps"] - profiling.STEPS)
     torch.cuda.synchronize()
     t = time.perf_counter()
+    phases = []
     for ids in batches:  # one optimizer step per batch, no accumulation, as in our rows
+        marks = {}
+        ids = ids.to("cuda", non_blocking=True)
+        marks["batch"] = time.perf_counter()
         if prof is not None:
             prof.step_begin(len(times))
-        ids = ids.to("cuda", non_blocking=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):  # the Trainer's bf16 mixed precision
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, spec["optimizer"]["max_grad_norm"])
+        marks["backward"] = time.perf_counter()
         opt.step()
+        marks["optimizer"] = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))  # logged every step, as our rows do
+        marks["bookkeeping"] = time.perf_counter()
         if prof is not None:
             prof.step_end(len(times))
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
+        phases.append(host_phases(t, marks))
         probes.append(host_probe_ms())  # outside the step's timing, as in our rows
         t = time.perf_counter()
     del opt
@@ -209,6 +234,8 @@ def train_shape(spec: dict, model, facts: dict, init: dict, seq_len: int, batch_
     trained = batch_size * (seq_len - 1)  # tokens with a next-token label, as our rows count
     return {"status": "ok", "steps": len(times), "median_step_s": med, "step_times_s": [round(x, 4) for x in times],
             "host_probe_ms": [round(x, 3) for x in probes],
+            "host_phases_ms": median_phases(profiling.timed(phases, spec["warmup"], True) if profiling else
+                                            phases[spec["warmup"]:] or phases),
             "tokens_per_s": trained / med, "trained_tokens_per_step": trained,
             "losses": losses[:max(spec["steps"], LOSS_STEPS)], **_peaks()}
 
