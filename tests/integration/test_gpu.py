@@ -218,3 +218,54 @@ def test_offloaded_checkpoints_train_as_torch_checkpoint_on_the_gpu(name, graphe
         for k in g0:
             assert (g1[k] - g0[k]).norm() <= 1e-2 * g0[k].norm() + 1e-6, (step, k)
 
+
+
+def _optimizer_steps(cls, direct: bool | None, steps: int = 4):
+    """`steps` steps of a bitsandbytes optimizer on CUDA over adapter-like tensors: big enough for paged states
+    (>= 1e5 values) and small ones, one left without a gradient every other step. direct None: bitsandbytes' own
+    step; else kernels/optimizer_step's one-sync step, calling its C functions directly or not."""
+    import bitsandbytes as bnb
+    import torch
+
+    from qlora_lab.kernels import optimizer_step
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [(64, 4096), (11008, 64), (8, 8), (64, 300)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=g, device="cuda") * 0.02) for s in shapes]
+    opt = cls(params, lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    if direct is not None:
+        assert optimizer_step.sync_once(opt, direct=direct)
+    for step in range(steps):
+        for i, p in enumerate(params):
+            p.grad = None if (i == 2 and step % 2) else torch.randn(p.shape, generator=g, device="cuda") * 1e-2
+        opt.step()
+    torch.cuda.synchronize()
+    return params, opt
+
+
+@pytest.mark.parametrize("cls_name", ["PagedAdamW32bit", "AdamW32bit", "PagedAdamW8bit"])
+def test_direct_optimizer_calls_are_bitsandbytes_step_bit_for_bit_on_the_gpu(cls_name, monkeypatch):
+    """The 32-bit update through bitsandbytes' C functions called directly (kernels/optimizer_step._Direct) gives
+    bitsandbytes' own step's parameters and states bit for bit; 8-bit states go through its update_step."""
+    import bitsandbytes as bnb
+    import torch
+
+    from qlora_lab.kernels import optimizer_step
+
+    cls = getattr(bnb.optim, cls_name)
+    taken = []
+    real = optimizer_step._Direct.update
+    monkeypatch.setattr(optimizer_step._Direct, "update", lambda self, *a: taken.append(real(self, *a)) or taken[-1])
+    ref, ref_opt = _optimizer_steps(cls, direct=None)
+    got, got_opt = _optimizer_steps(cls, direct=True)
+    assert got_opt._qlora_lab_direct and taken
+    assert all(taken) == cls_name.endswith("32bit") and any(taken) == cls_name.endswith("32bit")
+    for a, b in zip(ref, got):
+        assert torch.equal(a, b)
+        sa, sb = ref_opt.state[a], got_opt.state[b]
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            if torch.is_tensor(sa[k]):
+                assert torch.equal(sa[k].cpu(), sb[k].cpu()), k
+            else:
+                assert sa[k] == sb[k], k

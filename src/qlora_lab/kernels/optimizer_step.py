@@ -12,6 +12,16 @@ update kernels in the same order and synchronizes once, at the end (where bitsan
 states): the same arithmetic, bit for bit (tests/unit/kernels/test_optimizer_step.py compares parameters and
 states with bitsandbytes' own step). `train.optimizer_sync: per-step` (the default) turns it on: +16% on
 an H200 (assets/bench/README.md run 7).
+
+With `direct` (train.optimizer_direct, the default) the step also calls bitsandbytes' own C functions itself, for
+every parameter whose states are 32-bit on a GPU: the page prefetches (`cprefetch`) and the update
+(`c<name>32bit_grad_<dtype>`) with the arguments bitsandbytes' `update_step` passes them. What it skips is the
+Python around them (bitsandbytes builds a config dict, checks devices and dispatches a custom op per
+parameter): ~75 us of host time per parameter on an H100's host (33 ms a step for 448, where the GPU runs each
+update in ~8 us), time the GPU waits for once the backward has finished (bench run 21: 27 ms of gaps between
+the updates in a step's profile). A parameter with per-parameter overrides, an update-norm limit, 8-bit states
+or not on a GPU goes through bitsandbytes' `update_step` as before; tests/integration/test_gpu.py compares
+parameters and states with bitsandbytes' own step bit for bit.
 """
 from __future__ import annotations
 
@@ -41,13 +51,21 @@ def _step_sync_once(self, closure=None):
         self.check_overrides()
         self.to_gpu()
         self.initialized = True
+    direct = getattr(self, "_qlora_lab_direct", False)
     last = None
     for gindex, group in enumerate(self.param_groups):
+        call = None
         for pindex, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
             if len(self.state[p]) == 0:
                 self.init_state(group, p, gindex, pindex)
+            if direct and p.is_cuda:
+                if call is None:
+                    call = _Direct(self, group)
+                if call.update(p, gindex, pindex):
+                    last = p
+                    continue
             self.prefetch_state(p)
             self.update_step(group, p, gindex, pindex)
             last = p
@@ -56,9 +74,73 @@ def _step_sync_once(self, closure=None):
     return loss
 
 
-def sync_once(optimizer) -> bool:
-    """Give `optimizer` (a bitsandbytes optimizer) the once-per-step sync; False (unchanged) for any other."""
+class _Direct:
+    """One step of one parameter group through bitsandbytes' C functions (the module docstring says what it skips).
+
+    The group's settings become C values once a step; `update` prefetches and updates one parameter with them, or
+    returns False where bitsandbytes' own update_step must run (the caller then runs it)."""
+
+    def __init__(self, opt, group):
+        import ctypes as ct
+
+        from bitsandbytes.backends.cuda.ops import str2optimizer32bit
+        from bitsandbytes.cextension import lib
+
+        self.opt, self.ct, self.lib = opt, ct, lib
+        self.fns = str2optimizer32bit.get(opt.optimizer_name)
+        args = opt.args
+        betas = group["betas"]
+        self.plain = (self.fns is not None and args.optim_bits == 32 and args.max_unorm == 0.0
+                      and not getattr(args, "percentile_clipping", 100) < 100)
+        f = ct.c_float
+        # update_step's arguments after the pointers, in bitsandbytes' order: max_unorm, param_norm (0 without an
+        # update-norm limit), beta1, beta2, beta3, alpha, eps, weight_decay; then step; then lr, gnorm_scale, skip_zeros.
+        self.head = (f(args.max_unorm), f(0.0), f(betas[0]), f(betas[1]), f(betas[2] if len(betas) >= 3 else 0.0),
+                     f(group.get("alpha", 0.0)), f(group["eps"]), f(group["weight_decay"]))
+        self.tail = (f(group["lr"]), f(1.0), ct.c_bool(args.skip_zeros))
+        self.device = torch.cuda.current_device()
+
+    def update(self, p, gindex: int, pindex: int) -> bool:
+        opt, ct = self.opt, self.ct
+        state = opt.state[p]
+        s1, s2 = state.get("state1"), state.get("state2")
+        if (not self.plain or s1 is None or s1.dtype != torch.float32 or p.device.index != self.device
+                or (gindex, pindex) in opt.mng.index2config or id(p) in opt.mng.pid2config):
+            return False
+        fn = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}.get(p.grad.dtype)
+        if fn is None or fn >= len(self.fns):
+            return False
+        if not p.data.is_contiguous():  # what update_step does, where it changes anything
+            p.data = p.data.contiguous()
+        if not p.grad.is_contiguous():
+            p.grad = p.grad.contiguous()
+        for s in (s1, s2):  # prefetch_state: paged states to this GPU
+            if s is not None and getattr(s, "is_paged", False):
+                self.lib.cprefetch(ct.c_void_p(s.data_ptr()), ct.c_size_t(s.nbytes), ct.c_int32(s.page_deviceid))
+        state["step"] += 1
+        self.fns[fn](ct.c_void_p(p.grad.data_ptr()), ct.c_void_p(p.data_ptr()), ct.c_void_p(s1.data_ptr()),
+                     None if s2 is None else ct.c_void_p(s2.data_ptr()), None, *self.head,
+                     ct.c_int32(state["step"]), *self.tail, ct.c_int32(p.grad.numel()))
+        return True
+
+
+def sync_once(optimizer, direct: bool = False) -> bool:
+    """Give `optimizer` (a bitsandbytes optimizer) the once-per-step sync, and with `direct` the direct calls of
+    bitsandbytes' C functions where a parameter allows them; False (unchanged) for any other optimizer."""
     if not supported(optimizer):
         return False
     optimizer.step = types.MethodType(_step_sync_once, optimizer)
+    optimizer._qlora_lab_direct = bool(direct) and _direct_available()
     return True
+
+
+def _direct_available() -> bool:
+    """bitsandbytes' CUDA library and its table of 32-bit update functions, where this bitsandbytes has them."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from bitsandbytes.backends.cuda.ops import str2optimizer32bit
+        from bitsandbytes.cextension import lib
+    except ImportError:
+        return False
+    return hasattr(lib, "cprefetch") and "adam" in str2optimizer32bit

@@ -16,11 +16,11 @@ def _params(seed: int):
     return [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
 
 
-def _train(cls, once: bool, steps: int = 4):
+def _train(cls, once: bool, steps: int = 4, direct: bool = False):
     params = _params(0)
     opt = cls(params, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
     if once:
-        assert optimizer_step.sync_once(opt)
+        assert optimizer_step.sync_once(opt, direct=direct)
     g = torch.Generator().manual_seed(1)
     for step in range(steps):
         for i, p in enumerate(params):
@@ -30,10 +30,14 @@ def _train(cls, once: bool, steps: int = 4):
     return params, opt
 
 
+@pytest.mark.parametrize("direct", [False, True])
 @pytest.mark.parametrize("cls", [bnb.optim.PagedAdamW32bit, bnb.optim.AdamW32bit, bnb.optim.PagedAdamW8bit])
-def test_one_sync_step_is_bitsandbytes_step_bit_for_bit(cls):
+def test_one_sync_step_is_bitsandbytes_step_bit_for_bit(cls, direct):
+    """On the CPU; `direct` asks for bitsandbytes' C functions called directly, which only a GPU's parameters take
+    (tests/integration/test_gpu.py compares that path on the GPU): here every parameter goes through update_step."""
     ref, ref_opt = _train(cls, once=False)
-    got, got_opt = _train(cls, once=True)
+    got, got_opt = _train(cls, once=True, direct=direct)
+    assert got_opt._qlora_lab_direct is (direct and torch.cuda.is_available())
     assert got_opt.step.__func__ is optimizer_step._step_sync_once
     for a, b, p0 in zip(ref, got, _params(0)):
         assert torch.equal(a, b)
