@@ -64,7 +64,7 @@ def _step_sync_once(self, closure=None):
                 self.init_state(group, p, gindex, pindex)
             if direct and p.is_cuda:
                 if call is None:
-                    call = _Direct(self, group)
+                    call = _Direct(self, group, *_c_functions(), torch.cuda.current_device())
                 if call.update(p, gindex, pindex):
                     last = p
                     continue
@@ -82,14 +82,13 @@ class _Direct:
     The group's settings become C values once a step; `update` prefetches and updates one parameter with them, or
     returns False where bitsandbytes' own update_step must run (the caller then runs it)."""
 
-    def __init__(self, opt, group):
+    def __init__(self, opt, group, table: dict, lib, device):
+        """table: bitsandbytes' 32-bit update functions by optimizer name; lib: its C library (cprefetch);
+        device: the index of the GPU the parameters must be on (bitsandbytes would switch to theirs)."""
         import ctypes as ct
 
-        from bitsandbytes.backends.cuda.ops import str2optimizer32bit
-        from bitsandbytes.cextension import lib
-
         self.opt, self.ct, self.lib = opt, ct, lib
-        self.fns = str2optimizer32bit.get(opt.optimizer_name)
+        self.fns = table.get(opt.optimizer_name)
         args = opt.args
         betas = group["betas"]
         self.plain = (self.fns is not None and args.optim_bits == 32 and args.max_unorm == 0.0
@@ -100,7 +99,7 @@ class _Direct:
         self.head = (f(args.max_unorm), f(0.0), f(betas[0]), f(betas[1]), f(betas[2] if len(betas) >= 3 else 0.0),
                      f(group.get("alpha", 0.0)), f(group["eps"]), f(group["weight_decay"]))
         self.tail = (f(group["lr"]), f(1.0), ct.c_bool(args.skip_zeros))
-        self.device = torch.cuda.current_device()
+        self.device = device
 
     def update(self, p, gindex: int, pindex: int) -> bool:
         opt, ct = self.opt, self.ct
@@ -136,13 +135,20 @@ def sync_once(optimizer, direct: bool = False) -> bool:
     return True
 
 
+def _c_functions():
+    """(bitsandbytes' table of 32-bit update functions, its C library): CUDA builds only."""
+    from bitsandbytes.backends.cuda.ops import str2optimizer32bit
+    from bitsandbytes.cextension import lib
+
+    return str2optimizer32bit, lib
+
+
 def _direct_available() -> bool:
     """bitsandbytes' CUDA library and its table of 32-bit update functions, where this bitsandbytes has them."""
     if not torch.cuda.is_available():
         return False
     try:
-        from bitsandbytes.backends.cuda.ops import str2optimizer32bit
-        from bitsandbytes.cextension import lib
-    except ImportError:
+        table, lib = _c_functions()
+    except (ImportError, AttributeError):
         return False
-    return hasattr(lib, "cprefetch") and "adam" in str2optimizer32bit
+    return hasattr(lib, "cprefetch") and "adam" in table

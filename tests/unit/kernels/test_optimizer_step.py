@@ -71,3 +71,83 @@ def test_trainer_applies_it_when_the_config_asks(tmp_path):
         opt = tr.create_optimizer()
         assert optimizer_step.supported(opt)  # the Trainer's bitsandbytes AdamW (paged on a GPU)
         assert (getattr(opt.step, "__func__", None) is optimizer_step._step_sync_once) is expected
+
+
+def _f32(x) -> float:
+    return float(torch.tensor(float(x), dtype=torch.float32))
+
+
+def test_direct_calls_pass_the_values_bitsandbytes_update_step_passes(monkeypatch):
+    """_Direct (train.optimizer_direct) calls bitsandbytes' C update with what bitsandbytes' update_step hands its
+    functional layer, in the order bitsandbytes' CUDA backend passes it on (g, p, state1, state2, unorm, max_unorm,
+    param_norm, beta1, beta2, beta3, alpha, eps, weight_decay, step, lr, gnorm_scale, skip_zeros, n), and prefetches
+    the paged states prefetch_state prefetches. On the CPU, where the C functions do not exist: both sides are
+    recorded, not run. The numbers themselves are compared on the GPU (tests/integration/test_gpu.py)."""
+    import bitsandbytes.functional as F
+
+    params = _params(0)
+    opt = bnb.optim.PagedAdamW32bit(params, lr=1e-2, betas=(0.9, 0.995), eps=1e-7, weight_decay=0.01)
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    opt.step()  # bitsandbytes' own (CPU) step: the states exist
+    for p in params:  # as on a GPU, where states of >= 1e5 values live in paged memory
+        for k in ("state1", "state2"):
+            opt.state[p][k].is_paged, opt.state[p][k].page_deviceid = True, 3
+    group = opt.param_groups[0]
+
+    theirs, our_calls, fetched = [], [], {"theirs": [], "ours": []}
+
+    def functional(name, g, p, state1, beta1, eps, step, lr, state2=None, beta2=0.0, beta3=0.0, alpha=0.0,
+                   weight_decay=0.0, gnorm_scale=1.0, unorm_vec=None, max_unorm=0.0, skip_zeros=False):
+        assert name == "adam" and unorm_vec is None and max_unorm == 0.0
+        theirs.append((g.data_ptr(), p.data_ptr(), state1.data_ptr(), state2.data_ptr(), None, 0.0, 0.0,
+                       _f32(beta1), _f32(beta2), _f32(beta3), _f32(alpha), _f32(eps), _f32(weight_decay), step,
+                       _f32(lr), _f32(gnorm_scale), bool(skip_zeros), g.numel()))
+
+    def c_update(*args):
+        our_calls.append(tuple(getattr(a, "value", a) for a in args))
+
+    class Lib:
+        def cprefetch(self, ptr, nbytes, device):
+            fetched["ours"].append((ptr.value, nbytes.value, device.value))
+
+    monkeypatch.setattr(F, "optimizer_update_32bit", functional)
+    monkeypatch.setattr(F, "prefetch_tensor", lambda t, to_cpu=False: fetched["theirs"].append(
+        (t.data_ptr(), t.nbytes, t.page_deviceid)))
+    for lr in (1e-2, 5e-3):  # a scheduler changes the group's lr between steps
+        group["lr"] = lr
+        steps = [opt.state[p]["step"] for p in params]
+        for i, p in enumerate(params):
+            opt.prefetch_state(p)
+            opt.update_step(group, p, 0, i)
+        for p, s in zip(params, steps):
+            opt.state[p]["step"] = s
+        direct = optimizer_step._Direct(opt, group, {"adam": (c_update, c_update, c_update)}, Lib(), None)
+        assert all(direct.update(p, 0, i) for i, p in enumerate(params))
+    assert our_calls == theirs and len(theirs) == 2 * len(params)
+    assert [c[13] for c in our_calls] == [2] * len(params) + [3] * len(params)  # each parameter's step counter
+    assert fetched["ours"] == fetched["theirs"] and len(fetched["ours"]) == 4 * len(params)
+
+
+def test_direct_calls_leave_what_they_cannot_do_to_bitsandbytes():
+    """A parameter with its own settings (bitsandbytes' override_config), an 8-bit optimizer or an update-norm
+    limit goes through bitsandbytes' update_step: _Direct.update says False and calls nothing for it."""
+    def direct_says(cls, override=False, max_unorm=0.0):
+        params = _params(0)
+        opt = cls(params, lr=1e-3)
+        opt.args.max_unorm = max_unorm  # what LAMB and LARS set; an AdamW could through its args
+        for p in params:
+            p.grad = torch.randn(p.shape)
+        opt.step()
+        if override:
+            opt.mng.pid2config[id(params[0])] = {"lr": 1e-5}
+        calls = []
+        d = optimizer_step._Direct(opt, opt.param_groups[0], {"adam": (lambda *a: calls.append(a),) * 3}, None, None)
+        said = [d.update(p, 0, i) for i, p in enumerate(params)]
+        assert len(calls) == sum(said)
+        return said
+
+    assert direct_says(bnb.optim.PagedAdamW32bit) == [True] * 4
+    assert direct_says(bnb.optim.PagedAdamW32bit, override=True) == [False, True, True, True]
+    assert direct_says(bnb.optim.PagedAdamW8bit) == [False] * 4
+    assert direct_says(bnb.optim.PagedAdamW32bit, max_unorm=0.5) == [False] * 4
