@@ -170,25 +170,23 @@ def test_peer_without_cuda_fails_in_one_line(tmp_path, capsys):
     assert "--peer unsloth needs a CUDA GPU" in err
 
 
-def test_peer_worker_probes_the_host_with_our_loop():
-    """Both workers time the same fixed loop between steps (host_probe_ms), so their probes compare."""
-    from qlora_lab.bench import unsloth_worker, worker
+def test_both_workers_time_a_step_with_the_same_code():
+    """The host probe (a fixed loop between steps) and the host phases of a step come from profiling.py, which
+    our worker imports and the peer's loads by path: one piece of code measures both rows."""
+    import inspect
 
-    assert unsloth_worker.host_probe_ms.__code__.co_code == worker.host_probe_ms.__code__.co_code
-    assert unsloth_worker.host_probe_ms.__defaults__ == worker.host_probe_ms.__defaults__
-    assert worker.host_probe_ms(1000) > 0
+    from qlora_lab.bench import profiling, unsloth_worker, worker
 
-
-def test_both_workers_split_a_step_into_the_same_host_phases():
-    """Each worker records when the host reached each milestone of a step, from the previous step's end."""
-    from qlora_lab.bench import unsloth_worker, worker
-
+    peers = unsloth_worker._profiling()
+    assert inspect.getsourcefile(peers.host_phases) == inspect.getsourcefile(profiling.host_phases)
+    assert worker.profiling is profiling and not hasattr(worker, "host_probe_ms")
+    assert not hasattr(unsloth_worker, "host_probe_ms") and not hasattr(unsloth_worker, "host_phases")
+    assert profiling.host_probe_ms(1000) > 0
     marks = {"batch": 10.001, "backward": 10.031, "optimizer": 10.281, "bookkeeping": 10.2815}
     want = {"batch": 1.0, "backward": 30.0, "optimizer": 250.0, "bookkeeping": 0.5}
-    for w in (worker, unsloth_worker):
-        got = w.host_phases(10.0, marks)
+    for m in (profiling, peers):
+        got = m.host_phases(10.0, marks)
         assert list(got) == list(want) and all(abs(got[k] - want[k]) < 1e-6 for k in want)
-        assert list(w.host_phases(10.0, {"batch": 10.5, "optimizer": 11.0})) == ["batch", "optimizer"]
+        assert list(m.host_phases(10.0, {"batch": 10.5, "optimizer": 11.0})) == ["batch", "optimizer"]
     steps = [{"batch": 1.0, "optimizer": 5.0}, {"batch": 3.0, "optimizer": 1.0}, {"batch": 2.0, "optimizer": 9.0}]
-    assert worker._median_phases(steps) == unsloth_worker.median_phases(steps) == {"batch": 2.0, "optimizer": 5.0}
-    assert worker.PHASES == unsloth_worker.PHASES
+    assert profiling.median_phases(steps) == peers.median_phases(steps) == {"batch": 2.0, "optimizer": 5.0}

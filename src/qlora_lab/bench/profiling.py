@@ -7,13 +7,16 @@ in each kind: matmul, attention, NF4, dropout, ..., and on a GPU where it sat id
 each named by the kernels on either side) and a .json twin. The profiled steps are left out of
 the row's median step time (`timed`), so its tokens/s are not the profiler's.
 
-This file imports nothing from qlora_lab and no torch at import: the peer's worker (unsloth_worker.py),
-which runs in the peer's interpreter, loads it by path.
+It also holds what both workers time a step with (`host_probe_ms`, `host_phases`, `median_phases`), so ours and
+the peer's rows are measured by one piece of code. This file imports nothing from qlora_lab and no torch at
+import: the peer's worker (unsloth_worker.py), which runs in the peer's interpreter, loads it by path.
 """
 from __future__ import annotations
 
 import json
 import re
+import statistics
+import time
 from pathlib import Path
 
 STEPS = 3  # profiled optimizer steps per row
@@ -31,6 +34,38 @@ KINDS = (
     ("reduction", r"reduce|norm|sum|max"),
     ("elementwise", r"elementwise|vectorized|unrolled|pointwise"),
 )
+
+
+PHASES = ("batch", "backward", "optimizer", "bookkeeping")  # host milestones of a step, in order
+
+
+def host_probe_ms(n: int = 20000) -> float:
+    """Milliseconds a fixed pure-Python loop takes: run between steps (outside their timing), a rise over a
+    run says the host's CPU slowed down (clock, a neighbour), not the step."""
+    t = time.perf_counter()
+    x = 0
+    for i in range(n):
+        x += i * i
+    return (time.perf_counter() - t) * 1e3
+
+
+def host_phases(t0: float, marks: dict) -> dict:
+    """Host milliseconds from the previous step's end (t0) to each milestone in `marks`, in PHASES order, each
+    from the one before: "batch" (the next batch fetched: the step boundary), "backward" (forward and backward
+    launched, gradients clipped), "optimizer" (its step returned: ours waits for the GPU there), "bookkeeping"
+    (scheduler, zero_grad, callbacks). Where the host waits on the GPU, the wait lands in the phase that waits."""
+    out, last = {}, t0
+    for name in PHASES:
+        if name in marks:
+            out[name] = round((marks[name] - last) * 1e3, 3)
+            last = marks[name]
+    return out
+
+
+def median_phases(phases: list[dict]) -> dict:
+    """Each host phase's median over the steps given (host_phases), where every step has it."""
+    names = [n for n in PHASES if phases and all(n in p for p in phases)]
+    return {n: round(statistics.median(p[n] for p in phases), 3) for n in names}
 
 
 def timed(times: list, warmup: int, profiled: bool) -> list:

@@ -150,33 +150,6 @@ def _peak_reset():
     torch.cuda.reset_peak_memory_stats()
 
 
-def host_probe_ms(n: int = 20000) -> float:
-    """The same fixed pure-Python loop as our worker's (bench/worker.py), run between steps: a host-speed probe."""
-    t = time.perf_counter()
-    x = 0
-    for i in range(n):
-        x += i * i
-    return (time.perf_counter() - t) * 1e3
-
-
-PHASES = ("batch", "backward", "optimizer", "bookkeeping")  # as bench/worker.py's host_phases
-
-
-def host_phases(t0: float, marks: dict) -> dict:
-    """Host milliseconds from the previous step's end to each milestone, each from the one before (worker.py)."""
-    out, last = {}, t0
-    for name in PHASES:
-        if name in marks:
-            out[name] = round((marks[name] - last) * 1e3, 3)
-            last = marks[name]
-    return out
-
-
-def median_phases(phases: list) -> dict:
-    names = [n for n in PHASES if phases and all(n in p for p in phases)]
-    return {n: round(statistics.median(p[n] for p in phases), 3) for n in names}
-
-
 def train_shape(spec: dict, model, facts: dict, init: dict, seq_len: int, batch_size: int) -> dict:
     """Train one shape from the initial LoRA weights with a fresh optimizer; the row's measured keys."""
     import torch
@@ -196,9 +169,9 @@ def train_shape(spec: dict, model, facts: dict, init: dict, seq_len: int, batch_
         model.train()
     _peak_reset()
     times, probes, losses = [], [], []
-    profiling = prof = None
+    profiling = _profiling()  # the step timing both workers share, and the profiler
+    prof = None
     if spec.get("profile"):
-        profiling = _profiling()
         prof = profiling.StepProfiler(spec["profile"], profiling.file_name(spec["preset"], spec["label"], seq_len,
                                       batch_size), f"{spec['preset']} {spec['label']} {seq_len}x{batch_size}",
                                       spec["steps"] - profiling.STEPS)
@@ -225,17 +198,15 @@ def train_shape(spec: dict, model, facts: dict, init: dict, seq_len: int, batch_
             prof.step_end(len(times))
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
-        phases.append(host_phases(t, marks))
-        probes.append(host_probe_ms())  # outside the step's timing, as in our rows
+        phases.append(profiling.host_phases(t, marks))
+        probes.append(profiling.host_probe_ms())  # outside the step's timing, as in our rows
         t = time.perf_counter()
     del opt
-    med = statistics.median(profiling.timed(times, spec["warmup"], True) if profiling else
-                            times[spec["warmup"]:] or times)
+    med = statistics.median(profiling.timed(times, spec["warmup"], prof is not None))
     trained = batch_size * (seq_len - 1)  # tokens with a next-token label, as our rows count
     return {"status": "ok", "steps": len(times), "median_step_s": med, "step_times_s": [round(x, 4) for x in times],
             "host_probe_ms": [round(x, 3) for x in probes],
-            "host_phases_ms": median_phases(profiling.timed(phases, spec["warmup"], True) if profiling else
-                                            phases[spec["warmup"]:] or phases),
+            "host_phases_ms": profiling.median_phases(profiling.timed(phases, spec["warmup"], prof is not None)),
             "tokens_per_s": trained / med, "trained_tokens_per_step": trained,
             "losses": losses[:max(spec["steps"], LOSS_STEPS)], **_peaks()}
 

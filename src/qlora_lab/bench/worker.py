@@ -33,33 +33,6 @@ class _Emit:
             f.write(json.dumps({"event": event, **kw}, default=str) + "\n")
 
 
-def host_probe_ms(n: int = 20000) -> float:
-    """Milliseconds a fixed pure-Python loop takes: run between steps (outside their timing), a rise over a
-    run says the host's CPU slowed down (clock, a neighbour), not our step. unsloth_worker.py runs the same."""
-    t = time.perf_counter()
-    x = 0
-    for i in range(n):
-        x += i * i
-    return (time.perf_counter() - t) * 1e3
-
-
-PHASES = ("batch", "backward", "optimizer", "bookkeeping")  # host milestones of a step, in order
-
-
-def host_phases(t0: float, marks: dict) -> dict:
-    """Host milliseconds from the previous step's end (t0) to each milestone in `marks`, in PHASES order, each
-    from the one before: "batch" (the next batch fetched: the step boundary), "backward" (forward and backward
-    launched, gradients clipped), "optimizer" (its step returned: ours waits for the GPU there), "bookkeeping"
-    (scheduler, zero_grad, our callbacks). Where the host waits on the GPU, the wait lands in the phase that
-    waits. unsloth_worker.py records the same milestones of its own loop."""
-    out, last = {}, t0
-    for name in PHASES:
-        if name in marks:
-            out[name] = round((marks[name] - last) * 1e3, 3)
-            last = marks[name]
-    return out
-
-
 def _step_timer(profiler=None):
     """Trainer callback: wall time of every optimizer step (synchronized), the host probe after each, and
     every logged loss; with a profiling.StepProfiler, its steps profiled."""
@@ -95,8 +68,8 @@ def _step_timer(profiler=None):
             if profiler is not None:
                 profiler.step_end(len(self.times))
             self.times.append(self._now() - self._t)
-            self.phases.append(host_phases(self._t, self._marks))
-            self.probes.append(host_probe_ms())
+            self.phases.append(profiling.host_phases(self._t, self._marks))
+            self.probes.append(profiling.host_probe_ms())
             self._t = time.perf_counter()
 
         def on_log(self, args, state, control, logs=None, **kw):
@@ -163,18 +136,12 @@ def _row(spec, shape: Shape, timer, steps: int, warmup: int, hf_config, lora_r: 
             "batch_size": shape.batch_size, "status": "ok", "steps": len(timer.times),
             "median_step_s": med, "step_times_s": [round(t, 4) for t in timer.times],
             "host_probe_ms": [round(t, 3) for t in timer.probes],
-            "host_phases_ms": _median_phases(profiling.timed(timer.phases, warmup, bool(spec.get("profile")))),
+            "host_phases_ms": profiling.median_phases(profiling.timed(timer.phases, warmup, bool(spec.get("profile")))),
             "tokens_per_s": trained / med, "trained_tokens_per_step": trained,
             **row_flops(hf_config, shape.seq_len, lora_r, recomputed),
             "lora_r": lora_r,
             "world_size": world_size(),
             "losses": timer.losses[:max(steps, LOSS_STEPS)], **_peaks(), **extra}
-
-
-def _median_phases(phases: list[dict]) -> dict:
-    """Each host phase's median over the timed steps (host_phases)."""
-    names = [n for n in PHASES if phases and all(n in p for p in phases)]
-    return {n: round(statistics.median(p[n] for p in phases), 3) for n in names}
 
 
 def worker(spec: dict) -> int:

@@ -76,6 +76,10 @@ def _step_sync_once(self, closure=None):
     return loss
 
 
+# bitsandbytes' table of 32-bit update functions: one per gradient dtype, in this order (its CUDA backend's)
+_GRAD_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
 class _Direct:
     """One step of one parameter group through bitsandbytes' C functions (the module docstring says what it skips).
 
@@ -91,8 +95,7 @@ class _Direct:
         self.fns = table.get(opt.optimizer_name)
         args = opt.args
         betas = group["betas"]
-        self.plain = (self.fns is not None and args.optim_bits == 32 and args.max_unorm == 0.0
-                      and not getattr(args, "percentile_clipping", 100) < 100)
+        self.plain = self.fns is not None and args.optim_bits == 32 and args.max_unorm == 0.0
         f = ct.c_float
         # update_step's arguments after the pointers, in bitsandbytes' order: max_unorm, param_norm (0 without an
         # update-norm limit), beta1, beta2, beta3, alpha, eps, weight_decay; then step; then lr, gnorm_scale, skip_zeros.
@@ -108,7 +111,7 @@ class _Direct:
         if (not self.plain or s1 is None or s1.dtype != torch.float32 or p.device.index != self.device
                 or (gindex, pindex) in opt.mng.index2config or id(p) in opt.mng.pid2config):
             return False
-        fn = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}.get(p.grad.dtype)
+        fn = _GRAD_DTYPES.get(p.grad.dtype)
         if fn is None or fn >= len(self.fns):
             return False
         if not p.data.is_contiguous():  # what update_step does, where it changes anything
