@@ -190,3 +190,38 @@ def test_both_workers_time_a_step_with_the_same_code():
         assert list(m.host_phases(10.0, {"batch": 10.5, "optimizer": 11.0})) == ["batch", "optimizer"]
     steps = [{"batch": 1.0, "optimizer": 5.0}, {"batch": 3.0, "optimizer": 1.0}, {"batch": 2.0, "optimizer": 9.0}]
     assert profiling.median_phases(steps) == peers.median_phases(steps) == {"batch": 2.0, "optimizer": 5.0}
+
+
+def test_each_peer_row_meets_our_fastest_row_that_peaks_no_higher():
+    """bench.compare_peer: at each peer row, our fastest one-GPU row of the same preset and shape whose peak
+    allocated memory is at most 5% above the peer's; a row of ours that peaks higher, failed, ran on several GPUs
+    or trained another shape does not count; none left says so in the table."""
+    from qlora_lab.bench import compare_peer
+
+    G = 2**30
+
+    def row(path, tok, gib, seq=512, batch=8, **kw):
+        return {"preset": "llama2-7b", "path": path, "seq_len": seq, "batch_size": batch, "status": "ok",
+                "median_step_s": 1.0, "tokens_per_s": tok, "peak_allocated_bytes": int(gib * G),
+                "losses": [2.0, 1.9, 1.8], **kw}
+
+    rows = [row("ours", 14000, 19.0), row("ours[offload]", 10000, 6.25), row("ours[offload-eager]", 9500, 5.9),
+            row("ours[ckpt-all]", 11000, 6.31), row("ours[dp]", 30000, 3.0, world_size=2),
+            row("ours[budget15]", 50000, 5.0, seq=2048, batch=2), {**row("ours[oom]", 0, 0), "status": "oom"},
+            row("baseline", 20000, 5.0),
+            row("unsloth[gc=unsloth]", 9000, 6.0, losses=[2.0, 1.9, 1.8 * 1.001]), row("unsloth[gc=off]", 14500, 20.0),
+            row("unsloth[gc=unsloth]", 8000, 5.0, seq=1024, batch=4)]
+    low, off, alone = compare_peer(rows)
+    assert (low["ours"], low["ours_tokens_per_s"], low["peer"]) == ("ours[offload]", 10000, "unsloth[gc=unsloth]")
+    assert low["speedup"] == pytest.approx(10000 / 9000) and low["peak_ratio"] == pytest.approx(6.25 / 6.0, rel=1e-6)
+    assert low["loss_max_rel_diff"] == pytest.approx(0.001 / 1.001, rel=1e-3) and low["loss_steps"] == 3
+    assert (off["ours"], off["speedup"]) == ("ours", pytest.approx(14000 / 14500))
+    assert alone["ours"] is None and alone["seq_len"] == 1024 and "speedup" not in alone
+    report = {"env": {}, "comparisons": [], "steps": 20, "warmup_steps": 5, "rows": rows,
+              "peer_comparisons": [low, off, alone]}
+    table = markdown(report)
+    assert ("| llama2-7b | 8x512 | unsloth[gc=unsloth] | 9000 | 6.0 | ours[offload] | 10000 | 6.2 | 1.11x | +4.2% "
+            "| 0.10% over 3 steps |") in table
+    assert "| llama2-7b | 8x512 | unsloth[gc=off] | 14500 | 20.0 | ours | 14000 | 19.0 | 0.97x | -5.0% |" in table
+    assert "| llama2-7b | 4x1024 | unsloth[gc=unsloth] | 8000 | 5.0 | none peaks that low |" in table
+    assert "At each peer row" not in markdown({**report, "peer_comparisons": []})

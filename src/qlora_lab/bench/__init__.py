@@ -16,7 +16,7 @@ LoRA weights (the first process saves them, the others load them).
     peer.py      the peer's side in the parent: checks, its worker's spec, its rows' FLOPs
     unsloth_worker.py  the peer's child process, run by path in the peer's interpreter
     flops.py     model and hardware FLOPs per token, the measured matmul rate, MFU and HFU
-    table.py     comparisons with the standard recipe, scaling, the Markdown table
+    table.py     comparisons with the standard recipe and the peer, scaling, the Markdown table
 """
 from __future__ import annotations
 
@@ -32,11 +32,11 @@ from .flops import flops_per_token, mfu
 from .jobs import Job, plan_jobs
 from .spec import (LORA_ALPHA, LORA_R, LOSS_STEPS, LOSS_TOLERANCE, RUNTIME_KEYS, Shape, bench_config,
                    default_warmup, synthetic_examples)
-from .table import compare, compare_scaling, markdown
+from .table import compare, compare_peer, compare_scaling, markdown
 
 __all__ = ["LORA_ALPHA", "LORA_R", "LOSS_STEPS", "LOSS_TOLERANCE", "RUNTIME_KEYS", "Job", "Shape",
-           "accelerate_config", "bench_config", "compare", "compare_scaling", "default_output", "default_warmup",
-           "flops_per_token", "launch_command", "markdown", "mfu", "plan_jobs", "run", "synthetic_examples"]
+           "accelerate_config", "bench_config", "compare", "compare_peer", "compare_scaling", "default_output",
+           "default_warmup", "flops_per_token", "launch_command", "markdown", "mfu", "plan_jobs", "run", "synthetic_examples"]
 
 
 def run(presets, shapes, steps: int = 20, baseline: bool = False, memory_budget=None, overrides=(),
@@ -117,6 +117,7 @@ def _write(report: dict, output: Path) -> str:
         r["hfu"] = mfu(r, report["matmul_tflops"], "hw_flops_per_token")
     report["comparisons"] = compare(report["rows"])
     report["scaling"] = compare_scaling(report["rows"])
+    report["peer_comparisons"] = compare_peer(report["rows"])
     report["table"] = markdown(report)
     atomic_write_json(output, report)
     atomic_write(output.with_suffix(".md"), report["table"] + "\n")

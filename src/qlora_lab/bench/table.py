@@ -1,4 +1,5 @@
-"""The bench's outputs beside the rows: comparisons with the standard recipe, scaling, the Markdown table."""
+"""The bench's outputs beside the rows: comparisons with the standard recipe and the peer, scaling, the Markdown
+table."""
 from __future__ import annotations
 
 import statistics
@@ -22,6 +23,37 @@ def compare(rows: list) -> list:
         if r.get("peak_allocated_bytes") and b.get("peak_allocated_bytes"):
             c["peak_ratio"] = r["peak_allocated_bytes"] / b["peak_allocated_bytes"]
         c.update(_loss_agreement(r, b))
+        out.append(c)
+    return out
+
+
+PEER_MEMORY_SLACK = 0.05  # an ours-row may peak this much above a peer row and still stand against it
+
+
+def compare_peer(rows: list, slack: float = PEER_MEMORY_SLACK) -> list:
+    """At each peer row (Unsloth's), our fastest one-GPU row of the same preset and shape whose peak allocated
+    memory is at most `slack` above the peer's: the speed and memory ratios and the loss agreement (ours None
+    where no row of ours peaks that low)."""
+    out = []
+    ours = [r for r in rows if r["path"].startswith("ours") and r.get("status", "ok") == "ok"
+            and r.get("world_size", 1) == 1 and r.get("tokens_per_s") and r.get("peak_allocated_bytes")]
+    for p in rows:
+        if p["path"].startswith(("ours", "baseline")) or p.get("status", "ok") != "ok":
+            continue
+        if not (p.get("tokens_per_s") and p.get("peak_allocated_bytes")):
+            continue
+        same = [r for r in ours if (r["preset"], r["seq_len"], r["batch_size"]) ==
+                (p["preset"], p["seq_len"], p["batch_size"])
+                and r["peak_allocated_bytes"] <= (1 + slack) * p["peak_allocated_bytes"]]
+        c = {"preset": p["preset"], "seq_len": p["seq_len"], "batch_size": p["batch_size"], "peer": p["path"],
+             "peer_tokens_per_s": p["tokens_per_s"], "peer_peak_allocated_bytes": p["peak_allocated_bytes"],
+             "memory_slack": slack, "ours": None}
+        if same:
+            best = max(same, key=lambda r: r["tokens_per_s"])
+            c.update(ours=best["path"], ours_tokens_per_s=best["tokens_per_s"],
+                     ours_peak_allocated_bytes=best["peak_allocated_bytes"],
+                     speedup=best["tokens_per_s"] / p["tokens_per_s"],
+                     peak_ratio=best["peak_allocated_bytes"] / p["peak_allocated_bytes"], **_loss_agreement(best, p))
         out.append(c)
     return out
 
@@ -117,6 +149,21 @@ def markdown(report: dict) -> str:
                      "waits for the GPU holds the wait): "
                      + "; ".join(f"{r['path']} {r['batch_size']}x{r['seq_len']} "
                                  + " / ".join(f"{v:.1f}" for v in r["host_phases_ms"].values()) for r in phased) + ".")
+    peer = report.get("peer_comparisons") or []
+    if peer:
+        lines += ["", f"At each peer row, our fastest row of the same model and shape that peaks at most "
+                  f"{peer[0]['memory_slack']:.0%} above it (peak allocated):", "",
+                  "| model | batch x seq | peer row | tokens/s | peak alloc GiB | our row | tokens/s | peak alloc GiB "
+                  "| speed | memory | loss max rel. diff |", "|---|---|---|---:|---:|---|---:|---:|---:|---:|---|"]
+        for c in peer:
+            row = (f"| {c['preset']} | {c['batch_size']}x{c['seq_len']} | {c['peer']} | {c['peer_tokens_per_s']:.0f} "
+                   f"| {_gib(c['peer_peak_allocated_bytes'])} ")
+            if c["ours"] is None:
+                lines.append(row + "| none peaks that low | | | | | |")
+                continue
+            loss = (f"{c['loss_max_rel_diff']:.2%} over {c['loss_steps']} steps" if "loss_steps" in c else "")
+            lines.append(row + f"| {c['ours']} | {c['ours_tokens_per_s']:.0f} | {_gib(c['ours_peak_allocated_bytes'])} "
+                         f"| {c['speedup']:.2f}x | {c['peak_ratio'] - 1:+.1%} | {loss} |")
     for c in report.get("scaling") or []:
         line = f"\n{c['preset']} {c['path']} ({c['world_size']} GPUs, {c['batch_size']}x{c['seq_len']} in all) vs {c['reference']} on 1 GPU:"
         if "speedup" in c:
