@@ -36,7 +36,8 @@ from .table import compare, compare_peer, compare_scaling, markdown
 
 __all__ = ["LORA_ALPHA", "LORA_R", "LOSS_STEPS", "LOSS_TOLERANCE", "RUNTIME_KEYS", "Job", "Shape",
            "accelerate_config", "bench_config", "compare", "compare_peer", "compare_scaling", "default_output",
-           "default_warmup", "flops_per_token", "launch_command", "markdown", "mfu", "plan_jobs", "run", "synthetic_examples"]
+           "default_warmup", "flops_per_token", "launch_command", "markdown", "mfu", "plan_jobs", "run",
+           "synthetic_examples"]
 
 
 def run(presets, shapes, steps: int = 20, baseline: bool = False, memory_budget=None, overrides=(),
