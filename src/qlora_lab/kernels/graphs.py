@@ -324,13 +324,12 @@ class LayerGraphs:
         # layer i's input is copied out while layer i replays and back into the same buffer before its backward;
         # the last two offloaded layers' inputs are never overwritten and stay where they are.
         ahead = [torch.empty_like(x0), torch.empty_like(x0)] if any(g.offload for g in graphs[1:]) else None
-        writes = [i + 1 < n and graphs[i + 1].offload for i in range(n)]  # layer i's output goes to ahead[i % 2]
+        writes, copied = offload_schedule([g.offload for g in graphs])
         h = x0
         for i, (g, layer) in enumerate(zip(graphs, self.layers)):
             g.x = h
             feeds = writes[i]  # the next layer keeps nothing of this output
-            overwritten = any(writes[j] for j in range(i + 1, n, 2))  # ahead[(i-1) % 2], by a later forward
-            g.copy_out = g.offload and i > 0 and overwritten  # layer 0's input is x0: it stays until the next forward
+            g.copy_out = copied[i]
             g.wait_copy = i - 1 if feeds and i > 1 and graphs[i - 1].copy_out else None  # ahead[i % 2]: its input
             g.fwd = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g.fwd, pool=self.pool), autocast, torch.set_grad_enabled(not g.offload):
@@ -390,6 +389,17 @@ class LayerGraphs:
             if s.data_ptr() != t.data_ptr():
                 s.copy_(t)
         self.kwargs_src = src
+
+
+def offload_schedule(offload: list) -> tuple[list, list]:
+    """(writes, copied) for layers whose input waits in CPU memory where `offload[i]`: writes[i], layer i's
+    output goes to ahead[i % 2] (the next layer is offloaded and keeps nothing of it); copied[i], layer i's input
+    (ahead[(i-1) % 2]) is overwritten by a later forward, so it is copied out and back. Layer 0's input is x0,
+    which stays until the next forward."""
+    n = len(offload)
+    writes = [i + 1 < n and bool(offload[i + 1]) for i in range(n)]
+    copied = [bool(offload[i]) and i > 0 and any(writes[j] for j in range(i + 1, n, 2)) for i in range(n)]
+    return writes, copied
 
 
 def _swap_in_leaves(layer) -> list:
