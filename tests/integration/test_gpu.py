@@ -145,6 +145,8 @@ def _graph_steps(graphed: bool, dropout: float, checkpointing: bool, micro: int 
     if graphed:
         state = model.__dict__[graphs._STATE]
         assert graphs.captures(model) == 1 and state.replays == 4 * micro - 1, (graphs.captures(model), state.replays)
+        # offloaded inputs copied out and back: all but layer 0's (x0) and the last two's (never overwritten)
+        assert [g.index for g in state.graphs if g.copy_out] == list(range(1, max(offload - 2, 1)))
     return out
 
 
@@ -205,12 +207,14 @@ def test_lora_mlp_trains_as_the_layer_by_layer_path_on_the_gpu(name, dropout, ch
 
 
 @pytest.mark.parametrize("name", ["tiny_llama_qlora", "tiny_falcon_qlora"])
-@pytest.mark.parametrize("graphed,offload,layers", [(False, 2, None), (True, 2, None), (True, 5, 5), (True, 3, 5)])
+@pytest.mark.parametrize("graphed,offload,layers", [(False, 2, None), (True, 2, None), (True, 5, 5), (True, 3, 5),
+                                                   (True, 6, 8)])
 def test_offloaded_checkpoints_train_as_torch_checkpoint_on_the_gpu(name, graphed, offload, layers):
     """kernels/recompute.py on CUDA: pinned host buffers, the copy stream and the prefetch of the previous
     layer's input, two micro-batches: the losses and every adapter gradient of torch's checkpoint. Eagerly, and
-    replayed from the layer graphs (graphs.py): with 5 layers the buffers used in turn are each used twice, and
-    3 offloaded of 5 hands the last offloaded output to a layer that keeps its input."""
+    replayed from the layer graphs (graphs.py): with 5 layers the buffers used in turn are each used twice,
+    3 offloaded of 5 hands the last offloaded output to a layer that keeps its input, and 6 of 8 copies three
+    inputs out and back before two offloaded layers whose inputs stay in their buffers."""
     ref = _graph_steps(False, 0.1, True, micro=2, name=name, layers=layers)
     got = _graph_steps(graphed, 0.1, True, micro=2, name=name, offload=offload, layers=layers)
     for step, ((l0, g0), (l1, g1)) in enumerate(zip(ref, got)):

@@ -17,10 +17,13 @@ to the optimizer as `.grad` (added up where micro-batches accumulate).
 
 A layer whose input waits in CPU memory (recompute.offloaded, the first layers where the plan offloads) gets
 two graphs too: its forward without autograd, writing one of two buffers used in turn when the next layer is
-offloaded as well (it keeps nothing of its input), and its recomputation with its backward, reading one of two
-staging buffers. The copies to pinned memory and back run between replays on recompute.py's side stream,
-ordered by events: layer i's input is copied out while layer i replays its forward (layer i+1 waits for that
-copy before it overwrites the buffer), and layer i-1's input comes back while layer i replays its backward.
+offloaded as well (it keeps nothing of its input), and its recomputation with its backward, reading its input
+from the buffer it was read from in the forward. The copies to pinned memory and back run between replays on
+recompute.py's side stream, ordered by events: layer i's input is copied out while layer i replays its forward
+(layer i+1 waits for that copy before it overwrites the buffer), and layer i-1's input comes back into its
+buffer while layer i replays its backward. The last two offloaded layers' inputs are not overwritten before
+their backward, so they stay in their buffers and are not copied at all. One gradient buffer serves every
+backward graph: each reads its output's gradient there and then writes its input's over it.
 
 What a replay cannot see must not change between steps: the captured shapes, dtypes and Python arguments
 form the key; a training forward with another key runs eagerly (and drops the graphs, giving their memory
@@ -181,10 +184,9 @@ class _Graph:
         self.params, self.pgrads, self.leaves = [], [], []
         self.extra = ()  # what the layer returns after its hidden states (None, for models that return tuples)
         self.offload = False   # the input waits in CPU memory: the forward keeps nothing, the backward recomputes
-        self.stage = None      # offloaded, after layer 0: the buffer the backward graph reads the input from
-        self.copy_out = False  # offloaded, after layer 0: the input is copied out before the forward replays
+        self.copy_out = False  # the input is copied out as the forward replays and back into x before the backward
+        self.stage = None      # copy_out: x, the buffer the input comes back to (None: nothing to wait for)
         self.wait_copy = None  # the slot whose copy out must finish before the forward replays (it overwrites it)
-        self.last_out = False  # the last layer copied out: its input is copied back right away
 
 
 class LayerGraphs:
@@ -264,7 +266,7 @@ class LayerGraphs:
         kw = {k: _rebuild(v, it) for k, v in kwargs.items()}
         n = len(self.layers)
         x0 = x.detach().clone().requires_grad_(x.requires_grad)
-        gbuf = [torch.empty_like(x), torch.empty_like(x)]
+        gbuf = torch.empty_like(x)  # each backward graph reads its output's gradient here and writes its input's
         autocast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
                                   enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
 
@@ -317,15 +319,17 @@ class LayerGraphs:
                     del out
         torch.cuda.current_stream().wait_stream(side)
         self.pool = torch.cuda.graph_pool_handle()
-        # Offloaded layers after the first read their input from buffers used in turn: `ahead` holds what the
-        # forward passes on (an offloaded layer saves nothing of it), `stage` what the backward gets back.
+        # Offloaded layers after the first read their input from two buffers used in turn (`ahead`): layer i-1
+        # writes ahead[(i-1) % 2], layer i reads it (and saves nothing of it). Where a later forward overwrites it,
+        # layer i's input is copied out while layer i replays and back into the same buffer before its backward;
+        # the last two offloaded layers' inputs are never overwritten and stay where they are.
         ahead = [torch.empty_like(x0), torch.empty_like(x0)] if any(g.offload for g in graphs[1:]) else None
-        stage = [torch.empty_like(x0), torch.empty_like(x0)] if ahead is not None else None
+        writes, copied = offload_schedule([g.offload for g in graphs])
         h = x0
         for i, (g, layer) in enumerate(zip(graphs, self.layers)):
             g.x = h
-            feeds = i + 1 < n and graphs[i + 1].offload  # the next layer keeps nothing of this output
-            g.copy_out = g.offload and i > 0  # layer 0's input is x0, which stays until the next forward
+            feeds = writes[i]  # the next layer keeps nothing of this output
+            g.copy_out = copied[i]
             g.wait_copy = i - 1 if feeds and i > 1 and graphs[i - 1].copy_out else None  # ahead[i % 2]: its input
             g.fwd = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g.fwd, pool=self.pool), autocast, torch.set_grad_enabled(not g.offload):
@@ -338,12 +342,12 @@ class LayerGraphs:
             h = out if feeds else out.detach().requires_grad_(True)  # the next layer reads this buffer in place
         for i in reversed(range(n)):
             g = graphs[i]
-            g.gout = gbuf[i % 2]
+            g.gout = gbuf
             wants_gin = i > 0 or g.x.requires_grad
             g.bwd = torch.cuda.CUDAGraph()
-            if g.offload:  # the recomputation is part of the backward graph, from the staging buffer
-                g.stage = stage[i % 2] if g.copy_out else None
-                x = (g.x if g.stage is None else g.stage).detach().requires_grad_(wants_gin)
+            if g.offload:  # the recomputation is part of the backward graph, from the input's buffer
+                g.stage = g.x if g.copy_out else None
+                x = g.x.detach().requires_grad_(wants_gin)
             else:
                 x = g.x
             inputs = ([x] if wants_gin else []) + g.leaves
@@ -355,16 +359,13 @@ class LayerGraphs:
                     out = g.out
                 grads = torch.autograd.grad(out, inputs, g.gout, allow_unused=True)
                 del out
-                if wants_gin:
-                    gbuf[(i + 1) % 2].copy_(grads[0])  # the previous layer's gradient buffer
+                if wants_gin:  # over gout, which nothing reads after autograd.grad (one stream, in order)
+                    gbuf.copy_(grads[0])
                     grads = grads[1:]
                 g.pgrads = [gr if gr is not None else torch.zeros_like(p) for gr, p in zip(grads, g.params)]
                 del grads
-            g.gin = gbuf[(i + 1) % 2] if wants_gin else None
+            g.gin = gbuf if wants_gin else None
             g.out = g.out.detach()
-        copied = [g for g in graphs if g.copy_out]
-        if copied:
-            copied[-1].last_out = True
         for g in graphs:  # buffers only: no autograd graph of the capture kept
             g.x = g.x.detach()
             g.leaves = []
@@ -388,6 +389,17 @@ class LayerGraphs:
             if s.data_ptr() != t.data_ptr():
                 s.copy_(t)
         self.kwargs_src = src
+
+
+def offload_schedule(offload: list) -> tuple[list, list]:
+    """(writes, copied) for layers whose input waits in CPU memory where `offload[i]`: writes[i], layer i's
+    output goes to ahead[i % 2] (the next layer is offloaded and keeps nothing of it); copied[i], layer i's input
+    (ahead[(i-1) % 2]) is overwritten by a later forward, so it is copied out and back. Layer 0's input is x0,
+    which stays until the next forward."""
+    n = len(offload)
+    writes = [i + 1 < n and bool(offload[i + 1]) for i in range(n)]
+    copied = [bool(offload[i]) and i > 0 and any(writes[j] for j in range(i + 1, n, 2)) for i in range(n)]
+    return writes, copied
 
 
 def _swap_in_leaves(layer) -> list:
@@ -451,8 +463,6 @@ class _Replay(torch.autograd.Function):
             recompute.stash.wait_out(("graph", g.wait_copy))
         if g.copy_out:  # runs beside the replay, on the side stream
             recompute.stash.copy_out(("graph", g.index), g.x)
-            if g.last_out:  # the first offloaded input the backward needs: back before it asks
-                recompute.stash.copy_in(("graph", g.index), g.stage)
         g.fwd.replay()
         ctx.state, ctx.g = state, g
         if g.index == 0:

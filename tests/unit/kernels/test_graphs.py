@@ -72,3 +72,40 @@ def test_the_key_tells_apart_what_a_replay_cannot_see():
     assert base != graphs._key(x, {"position_embeddings": (cos, cos), "use_cache": False}, (True,))
     assert base != graphs._key(x.requires_grad_(), {"position_embeddings": (cos, cos), "use_cache": False}, (False,))
     assert base != graphs._key(torch.zeros(2, 8, 4), {"position_embeddings": (cos.half(), cos), "use_cache": False}, (False,))
+
+
+def _replay_buffers(offload: list) -> int:
+    """Play graphs.py's buffer schedule for offloaded layers on labels instead of tensors: the forward in layer
+    order, then the backward in reverse, with each copy back started while the layer above replays its backward
+    (as _Replay.backward does). Checks that every offloaded layer finds its own input in its buffer when its
+    backward starts, and that no copy back writes the buffer the replay beside it reads. Returns the copies."""
+    writes, copied = graphs.offload_schedule(offload)
+    n = len(offload)
+    ahead, host, source = {}, {}, []
+    for i in range(n):  # forward
+        source.append(0 if i == 0 else ("ahead", (i - 1) % 2) if writes[i - 1] else ("pool", i - 1))
+        if i > 0 and writes[i - 1]:
+            assert ahead[(i - 1) % 2] == f"h{i}"  # what layer i reads is layer i-1's output
+        if copied[i]:
+            host[i] = ahead[(i - 1) % 2]
+        if writes[i]:
+            ahead[i % 2] = f"h{i + 1}"
+    for i in reversed(range(n)):  # backward
+        if i > 0 and copied[i - 1]:  # layer i-1's input comes back while layer i replays
+            assert source[i - 1] != source[i], i
+            ahead[(i - 2) % 2] = host[i - 1]
+        if offload[i] and i > 0:
+            assert source[i] == ("ahead", (i - 1) % 2) and ahead[(i - 1) % 2] == f"h{i}", (offload, i)
+    return sum(copied)
+
+
+def test_offloaded_inputs_stay_in_their_buffers_or_come_back_before_their_backward():
+    """kernels/graphs.offload_schedule (the CUDA run of it: tests/integration/test_gpu.py): layer 0 reads x0 and
+    the last two offloaded layers' inputs are never overwritten, so only the others are copied out and back; every
+    offloaded layer finds its own input when its backward starts."""
+    for n in range(1, 9):
+        for k in range(n + 1):  # the plan offloads the first k layers
+            offload = [i < k for i in range(n)]
+            assert _replay_buffers(offload) == max(k - 3, 0), (n, k)
+    writes, copied = graphs.offload_schedule([True] * 6 + [False] * 2)
+    assert writes == [True] * 5 + [False] * 3 and copied == [False, True, True, True, False, False, False, False]
