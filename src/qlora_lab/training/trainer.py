@@ -18,7 +18,7 @@ except ImportError:  # pragma: no cover - transformers is a hard dependency
 class Trainer(_HFTrainer):
     """Trainer that counts trained (unmasked) tokens, the x-axis users compare runs on."""
 
-    def __init__(self, *a, optimizer_sync: str = "per-step", optimizer_direct: bool = False, **kw):
+    def __init__(self, *a, optimizer_sync: str = "per-step", optimizer_direct: bool = True, **kw):
         super().__init__(*a, **kw)
         self.optimizer_sync = optimizer_sync  # train.optimizer_sync: applied in create_optimizer
         self.optimizer_direct = optimizer_direct  # train.optimizer_direct: likewise
