@@ -71,6 +71,30 @@ def test_bench_cli_tiny_presets_agree_with_baseline(bench_tiny):
 
 
 @background
+def bench_isolated(tmp, env):
+    """(JSON path, CompletedProcess) of a tiny-llama bench whose one variant (our default config again) trains in
+    a process of its own (--isolate)."""
+    out = tmp / "bench.json"
+    return out, run_cli("bench", "--preset", "tiny-llama", "--seq-len", "32", "--batch-size", "2", "--steps", "3",
+                        "--set", "lora.lora_dropout=0", "--variant", "again:train.optimizer_sync=per-step",
+                        "--isolate", "--output", out, timeout=600, base_env=env)
+
+
+def test_bench_isolate_trains_a_variant_in_a_fresh_process_from_the_same_lora_weights(bench_isolated):
+    out, r = bench_isolated
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    workers = {w["label"]: w for w in rep["workers"]}
+    assert set(workers) == {"ours", "ours[again]"} and workers["ours"]["pid"] != workers["ours[again]"]["pid"]
+    assert workers["ours"]["lora_init"] == "saved" and workers["ours[again]"]["lora_init"] == "loaded"
+    rows = {x["path"]: x for x in rep["rows"]}
+    assert rows["ours[again]"]["status"] == "ok" and len(rows["ours[again]"]["losses"]) == 3
+    # The same config from the same weights on the same batches, no dropout: the same losses (two processes on
+    # one machine, the same CPU kernels).
+    assert rows["ours[again]"]["losses"] == pytest.approx(rows["ours"]["losses"], rel=1e-4)
+
+
+@background
 def bench_profiled(tmp, env):
     """(JSON path, profile folder, CompletedProcess) of a tiny-llama bench with --profile."""
     out, prof = tmp / "bench.json", tmp / "profile"

@@ -84,6 +84,19 @@ def test_peer_jobs_come_last_one_per_setting_and_nothing_changes_without_peer():
     assert all(j.shapes == tuple(shapes) and j.peer["python"] == "/p" for j in jobs[2:])
 
 
+def test_isolate_gives_each_variant_a_process_of_its_own():
+    shapes = [Shape(512, 8), Shape(2048, 2)]
+    variants = [("direct", ["train.optimizer_direct=true"]), ("peft", ["train.fused_lora=false"])]
+    shared = plan_jobs(shapes, overrides=["lora.lora_dropout=0"], variants=variants, peer="unsloth", peer_python="/p")
+    assert [j.label for j in shared][:1] == ["ours"] and len(shared[0].runs) == 3
+    jobs = plan_jobs(shapes, overrides=["lora.lora_dropout=0"], variants=variants, peer="unsloth", peer_python="/p",
+                     isolate=True)
+    assert [j.label for j in jobs] == ["ours", "ours[direct]", "ours[peft]", "unsloth[gc=unsloth]", "unsloth[gc=off]"]
+    assert jobs[0].runs == (("ours", ("lora.lora_dropout=0",)),)
+    assert jobs[1].runs == (("ours[direct]", ("lora.lora_dropout=0", "train.optimizer_direct=true")),)
+    assert all(j.path == "ours" and j.shapes == tuple(shapes) for j in jobs[:3])
+
+
 def test_peer_spec_carries_our_settings(monkeypatch):
     """Rank, alpha, the dropout after --set, targets by architecture, optimizer; the checkpoint we load."""
     from qlora_lab.presets import model_config

@@ -42,12 +42,13 @@ __all__ = ["LORA_ALPHA", "LORA_R", "LOSS_STEPS", "LOSS_TOLERANCE", "RUNTIME_KEYS
 
 def run(presets, shapes, steps: int = 20, baseline: bool = False, memory_budget=None, overrides=(),
         variants=(), multi_gpu=(), output=None, warmup=None, timeout=None, command: str | None = None,
-        peer: str | None = None, peer_python: str | None = None, profile=None) -> dict:
+        peer: str | None = None, peer_python: str | None = None, profile=None, isolate: bool = False) -> dict:
     """Run every worker, print the table, write JSON (and a Markdown twin) to `output`. Returns the report.
 
     `peer` ("unsloth") with `peer_python` (its interpreter) adds the peer's rows; checked before any
     worker starts (UserError in one line: a bad PATH, the peer missing there, no CUDA GPU). `profile` (a
-    folder): every row's last steps profiled there (profiling.py), left out of its median.
+    folder): every row's last steps profiled there (profiling.py), left out of its median. `isolate`: each of
+    our variants in a process of its own (jobs.plan_jobs).
     """
     from ..runs import env_info
     from . import peer as peers
@@ -61,7 +62,7 @@ def run(presets, shapes, steps: int = 20, baseline: bool = False, memory_budget=
     if peer_info:
         report["peer"] = {"name": peer, "python": str(peer_python), **peer_info}
     jobs = plan_jobs(shapes, baseline=baseline, overrides=overrides, variants=variants, multi_gpu=multi_gpu,
-                     peer=peer, peer_python=peer_python)
+                     peer=peer, peer_python=peer_python, isolate=isolate)
     with tempfile.TemporaryDirectory(prefix="qlora-bench-") as work:
         for preset in presets:
             init_lora = Path(work) / f"{preset}-lora-init.safetensors"
@@ -152,6 +153,8 @@ def _run_worker(spec: dict, cmd: list, env: dict, timeout, cwd=None) -> tuple[li
     for e in events:
         if e.get("event") == "start":
             info.update({k: v for k, v in e.items() if k != "event"})
+        elif e.get("event") == "model" and e.get("lora_init"):  # saved the initial LoRA weights, or loaded them
+            info["lora_init"] = e["lora_init"]
     rows = [{**e["row"], "host_load_1min": load} for e in events if e.get("event") == "row"]
     done = {(r["path"], r["seq_len"], r["batch_size"]) for r in rows}
     for label, _ in spec["runs"]:

@@ -29,9 +29,13 @@ PEER_SETTINGS = {"unsloth": (("gc=unsloth", "unsloth"), ("gc=off", False))}
 
 
 def plan_jobs(shapes, baseline: bool = False, overrides=(), variants=(), multi_gpu=(), peer: str | None = None,
-              peer_python: str | None = None) -> list[Job]:
+              peer_python: str | None = None, isolate: bool = False) -> list[Job]:
     """The jobs of one preset, in the order they run: ours first (it saves the initial LoRA weights the
-    others load), its variants, the standard recipe, several-GPU runs, then the peer's settings."""
+    others load), its variants, the standard recipe, several-GPU runs, then the peer's settings.
+
+    A variant of runtime keys only trains in the ours process, on the model it loaded, unless `isolate`: then
+    every variant gets a process of its own, as each of the peer's settings does, so that no row's peak
+    memory holds what an earlier row left allocated (one model load more per variant)."""
     shapes = tuple(shapes)
     runs = [("ours", tuple(overrides))]
     separate = []  # variants that change more than runtime keys: a process of their own
@@ -39,7 +43,7 @@ def plan_jobs(shapes, baseline: bool = False, overrides=(), variants=(), multi_g
     for name, sets in variants:
         label = f"ours[{name}]"
         by_name[label] = tuple(overrides) + tuple(sets)
-        if all(s.split("=", 1)[0].strip() in RUNTIME_KEYS for s in sets):
+        if not isolate and all(s.split("=", 1)[0].strip() in RUNTIME_KEYS for s in sets):
             runs.append((label, by_name[label]))
         else:
             separate.append(Job(label, "ours", ((label, by_name[label]),), shapes))

@@ -36,6 +36,10 @@ def add_parser(sub) -> None:
     p.add_argument("--peer-python", default=None, metavar="PATH",
                    help="an executable that runs Python with the peer installed, e.g. a wrapper script setting "
                         "PYTHONPATH (assets/bench/README.md)")
+    p.add_argument("--isolate", action="store_true",
+                   help="train each --variant in a process of its own, as the peer's settings are, so that no "
+                        "row's peak memory holds what an earlier row left allocated (one model load per variant; "
+                        "without it, variants of runtime keys share the first row's process and loaded model)")
     p.add_argument("--output", default=None, help="JSON path (a .md twin is written beside it; "
                                                   "default: bench-<presets>-<time>.json in the current folder)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per worker process")
@@ -88,7 +92,7 @@ def run(args) -> int:
                        memory_budget=args.memory_budget, overrides=args.overrides, variants=variants, multi_gpu=multi,
                        output=args.output, warmup=args.warmup, timeout=args.timeout,
                        command="qlora-lab " + " ".join(sys.argv[1:]), peer=args.peer, peer_python=args.peer_python,
-                       profile=args.profile)
+                       profile=args.profile, isolate=args.isolate)
     failed = [r for r in report["rows"] if r.get("status") != "ok"]
     bad_loss = [c for c in report["comparisons"] + report.get("scaling", []) if c.get("loss_ok") is False]
     if bad_loss:
