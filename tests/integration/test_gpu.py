@@ -273,3 +273,28 @@ def test_direct_optimizer_calls_are_bitsandbytes_step_bit_for_bit_on_the_gpu(cls
                 assert torch.equal(sa[k].cpu(), sb[k].cpu()), k
             else:
                 assert sa[k] == sb[k], k
+
+
+def test_memory_recorder_names_the_line_that_holds_the_peak_on_the_gpu(tmp_path):
+    """bench --memory-profile's recorder (bench/profiling.py) on real CUDA allocations: the peak's live blocks,
+    summed by the line of this test that allocated them, and what was allocated before it began."""
+    import torch
+
+    from qlora_lab.bench import profiling
+
+    before = torch.empty(2**20, dtype=torch.uint8, device="cuda")  # 1 MiB, allocated before the recording
+    rec = profiling.MemoryRecorder(tmp_path, "row", "gpu test")
+    rec.start()
+    kept = [torch.empty(8 * 2**20, dtype=torch.uint8, device="cuda") for _ in range(3)]  # 24 MiB, live at the peak
+    gone = torch.empty(4 * 2**20, dtype=torch.uint8, device="cuda")  # 4 MiB, freed before the peak
+    del gone
+    kept.append(torch.empty(16 * 2**20, dtype=torch.uint8, device="cuda"))  # the peak: 40 MiB since the start
+    b = rec.finish()
+    assert rec.finish() is None  # the recording stopped
+    assert b["base_bytes"] >= before.nbytes and b["complete"]
+    assert b["recorded_peak_bytes"] - b["base_bytes"] == 40 * 2**20
+    here = [s for s in b["sites"] if s["site"].split(":")[0].endswith("test_gpu.py")]
+    assert sorted((s["bytes"], s["blocks"]) for s in here) == [(16 * 2**20, 1), (24 * 2**20, 3)]
+    assert (tmp_path / "row-memory.txt").read_text().startswith("gpu test\npeak allocated")
+    assert b["max_allocated_bytes"] >= b["recorded_peak_bytes"]
+    del kept, before

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from qlora_lab import cli
@@ -91,3 +92,50 @@ def test_idle_gaps_are_the_span_less_the_union_of_kernels_named_by_their_neighbo
     assert "GPU idle: 0.34 ms per step of a " in table
     assert "optimizer -> matmul | 0.320 | 0.5" in table
     assert profiling.idle([], steps=3)["idle_ms_per_step"] == 0.0
+
+
+def _alloc(addr, mib, *where):
+    """A trace event: `where` are (file, line, function) frames, innermost first."""
+    return {"action": "alloc", "addr": addr, "size": mib * 2**20,
+            "frames": [{"filename": f, "line": ln, "name": fn} for f, ln, fn in where]}
+
+
+def test_memory_peak_is_the_live_blocks_at_the_fullest_event_by_allocating_line():
+    torch_f = ("/usr/lib/python3/site-packages/torch/nn/functional.py", 10, "linear")
+    mlp = ("/repo/src/qlora_lab/kernels/lora_mlp.py", 80, "forward")
+    loss = ("/usr/lib/python3/site-packages/liger_kernel/ops/fused_linear_cross_entropy.py", 50, "fwd")
+    events = [
+        _alloc(1, 100, torch_f, mlp),                  # named by our line, not torch's
+        _alloc(2, 50, mlp),
+        {"action": "free_requested", "addr": 2, "size": 50 * 2**20},
+        {"action": "free_completed", "addr": 2, "size": 50 * 2**20},  # one free counted once
+        _alloc(3, 30, loss),
+        _alloc(4, 25, torch_f),                        # only torch's frames: its innermost; 155 live, the peak
+        {"action": "segment_alloc", "addr": 99, "size": 10**9},  # segments are not blocks
+        {"action": "free_completed", "addr": 4, "size": 25 * 2**20},
+        _alloc(5, 10, mlp),                            # 140 live
+        {"action": "free_requested", "addr": 77, "size": 5},     # a block from before the recording
+    ]
+    b = profiling.peak_breakdown(events, base_bytes=3 * 2**30)
+    assert b["peak_event"] == 5 and b["events"] == len(events) and b["complete"]
+    assert b["recorded_peak_bytes"] == 3 * 2**30 + 155 * 2**20
+    assert b["sites"] == [{"site": "qlora_lab/kernels/lora_mlp.py:80 forward", "bytes": 100 * 2**20, "blocks": 1},
+                          {"site": "liger_kernel/ops/fused_linear_cross_entropy.py:50 fwd", "bytes": 30 * 2**20, "blocks": 1},
+                          {"site": "torch/nn/functional.py:10 linear", "bytes": 25 * 2**20, "blocks": 1}]
+    assert b["peak_allocation"] == ["torch/nn/functional.py:10 linear"]
+    b["max_allocated_bytes"] = b["recorded_peak_bytes"]
+    text = profiling.memory_text("tiny ours 32x2", b)
+    assert text.startswith("tiny ours 32x2\npeak allocated 3,227.0 MiB") and "event 5 of 10" in text
+    assert "     100.0 MiB      1 blocks  qlora_lab/kernels/lora_mlp.py:80 forward" in text
+    assert "overflowed" not in text
+    assert profiling.peak_breakdown([], 0)["sites"] == [] and profiling.site_of([]) == "(no Python frame)"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_memory_profile_without_cuda_fails_in_one_line(tmp_path, capsys):
+    rc = cli.main(["bench", "--preset", "tiny-llama", "--seq-len", "32", "--batch-size", "2", "--steps", "2",
+                   "--memory-profile", str(tmp_path / "m"), "--output", str(tmp_path / "b.json")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "--memory-profile records CUDA allocations" in err, err
+    assert not (tmp_path / "b.json").exists() and not (tmp_path / "m").exists()
+

@@ -42,18 +42,22 @@ __all__ = ["LORA_ALPHA", "LORA_R", "LOSS_STEPS", "LOSS_TOLERANCE", "RUNTIME_KEYS
 
 def run(presets, shapes, steps: int = 20, baseline: bool = False, memory_budget=None, overrides=(),
         variants=(), multi_gpu=(), output=None, warmup=None, timeout=None, command: str | None = None,
-        peer: str | None = None, peer_python: str | None = None, profile=None, isolate: bool = False) -> dict:
+        peer: str | None = None, peer_python: str | None = None, profile=None, isolate: bool = False,
+        memory_profile=None) -> dict:
     """Run every worker, print the table, write JSON (and a Markdown twin) to `output`. Returns the report.
 
     `peer` ("unsloth") with `peer_python` (its interpreter) adds the peer's rows; checked before any
     worker starts (UserError in one line: a bad PATH, the peer missing there, no CUDA GPU). `profile` (a
     folder): every row's last steps profiled there (profiling.py), left out of its median. `isolate`: each of
-    our variants in a process of its own (jobs.plan_jobs).
+    our variants in a process of its own (jobs.plan_jobs). `memory_profile` (a folder, CUDA only): every row's
+    allocations recorded and its peak broken down there by allocating line (profiling.MemoryRecorder).
     """
     from ..runs import env_info
     from . import peer as peers
 
     peer_info = peers.check(peer, peer_python) if peer or peer_python else None
+    if memory_profile:
+        _needs_cuda("--memory-profile")
     warmup = default_warmup(steps) if warmup is None else warmup
     output = Path(output) if output else default_output(presets, memory_budget)
     report = {"command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "steps": steps,
@@ -61,6 +65,8 @@ def run(presets, shapes, steps: int = 20, baseline: bool = False, memory_budget=
               "workers": [], "rows": [], "comparisons": []}
     if peer_info:
         report["peer"] = {"name": peer, "python": str(peer_python), **peer_info}
+    if memory_profile:
+        report["memory_profile"] = str(memory_profile)
     jobs = plan_jobs(shapes, baseline=baseline, overrides=overrides, variants=variants, multi_gpu=multi_gpu,
                      peer=peer, peer_python=peer_python, isolate=isolate)
     with tempfile.TemporaryDirectory(prefix="qlora-bench-") as work:
@@ -80,7 +86,8 @@ def run(presets, shapes, steps: int = 20, baseline: bool = False, memory_budget=
                             "runs": [[lb, list(o)] for lb, o in job.runs]}
                     cmd, env = launch_command(job.launch) + ["-m", "qlora_lab.bench.worker"], _env(job.launch)
                 spec.update(workdir=str(workdir), init_lora=str(init_lora),
-                            profile=str(Path(profile).resolve()) if profile else None)
+                            profile=str(Path(profile).resolve()) if profile else None,
+                            memory_profile=str(Path(memory_profile).resolve()) if memory_profile else None)
                 # A peer writes its compile caches into its working folder: the job's, not the user's.
                 rows, info = _run_worker(spec, cmd, env, timeout, cwd=workdir if job.peer else None)
                 if job.peer:
@@ -119,7 +126,8 @@ def _write(report: dict, output: Path) -> str:
         r["hfu"] = mfu(r, report["matmul_tflops"], "hw_flops_per_token")
     report["comparisons"] = compare(report["rows"])
     report["scaling"] = compare_scaling(report["rows"])
-    report["peer_comparisons"] = compare_peer(report["rows"])
+    # Rows that recorded every allocation ran slower than they train: their speeds are no comparison with the peer.
+    report["peer_comparisons"] = [] if report.get("memory_profile") else compare_peer(report["rows"])
     report["table"] = markdown(report)
     atomic_write_json(output, report)
     atomic_write(output.with_suffix(".md"), report["table"] + "\n")
@@ -164,6 +172,16 @@ def _run_worker(spec: dict, cmd: list, env: dict, timeout, cwd=None) -> tuple[li
                 rows.append({"preset": spec["preset"], "path": label, "seq_len": L, "batch_size": B,
                              "status": f"failed: {why}"})
     return rows, info
+
+
+def _needs_cuda(flag: str) -> None:
+    """UserError in one line where this machine has no CUDA GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        from ..errors import UserError
+
+        raise UserError(f"{flag} records CUDA allocations: this machine has no CUDA GPU")
 
 
 def _host_load() -> float | None:

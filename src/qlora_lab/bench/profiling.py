@@ -7,6 +7,11 @@ in each kind: matmul, attention, NF4, dropout, ..., and on a GPU where it sat id
 each named by the kernels on either side) and a .json twin. The profiled steps are left out of
 the row's median step time (`timed`), so its tokens/s are not the profiler's.
 
+`qlora-lab bench --memory-profile DIR` records every CUDA allocation of each row instead (MemoryRecorder) and
+writes DIR/<preset>-<row>-<seq_len>x<batch_size>-memory.txt and .json: at the row's peak, what was allocated
+before it began (weights, adapters) and the live blocks allocated since, summed by the Python line that
+allocated them (peak_breakdown). Recording slows the host, so those rows' speeds do not count.
+
 It also holds what both workers time a step with (`host_probe_ms`, `host_phases`, `median_phases`), so ours and
 the peer's rows are measured by one piece of code. This file imports nothing from qlora_lab and no torch at
 import: the peer's worker (unsloth_worker.py), which runs in the peer's interpreter, loads it by path.
@@ -218,3 +223,104 @@ def _sync() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+# --memory-profile: where a row's peak allocated memory is, by the Python line that allocated each block.
+MEMORY_EVENTS = 3_000_000  # allocation events kept (a ring: a row with more loses its first ones, and says so)
+_TORCH_FRAME = re.compile(r"[/\\]torch[/\\]")  # torch's own Python: a block is named by the first frame outside it
+
+
+def site_of(frames: list) -> str:
+    """The allocating line of a recorded block: its innermost frame outside torch (the project's, peft's, the
+    peer's ...), else its innermost frame; "file:line function" with the path from its package on."""
+    chosen = next((f for f in frames if not _TORCH_FRAME.search(f.get("filename", ""))), frames[0] if frames else None)
+    if chosen is None:
+        return "(no Python frame)"
+    path = re.split(r"site-packages[/\\]|[/\\]src[/\\]", chosen.get("filename", ""))[-1]
+    return f"{path}:{chosen.get('line')} {chosen.get('name')}"
+
+
+def peak_breakdown(events: list, base_bytes: int, top: int = 25, complete: bool = True) -> dict:
+    """Where the peak of the recorded allocations is. `events`: a CUDA memory trace (torch.cuda.memory._snapshot's
+    device_traces for one GPU, in order; "alloc" and "free_requested" / "free_completed" actions with addr, size and
+    frames); `base_bytes`: allocated when the recording began (weights, adapters: no event of theirs is recorded).
+
+    Replays the trace (a block counts from its alloc to its first free event) to the event where the most bytes
+    are live; those live blocks, summed by allocating line (site_of), largest first, are the breakdown."""
+    live, cur, best, best_i = {}, 0, 0, -1
+    for i, e in enumerate(events):
+        action = e.get("action")
+        if action == "alloc":
+            live[e["addr"]] = e["size"]
+            cur += e["size"]
+            if cur > best:
+                best, best_i = cur, i
+        elif action in ("free_requested", "free_completed") and e.get("addr") in live:
+            cur -= live.pop(e["addr"])
+    at_peak = {}
+    for e in events[:best_i + 1]:
+        if e.get("action") == "alloc":
+            at_peak[e["addr"]] = e
+        elif e.get("action") in ("free_requested", "free_completed"):
+            at_peak.pop(e.get("addr"), None)
+    sites: dict[str, list] = {}
+    for e in at_peak.values():
+        acc = sites.setdefault(site_of(e.get("frames") or []), [0, 0])
+        acc[0] += e["size"]
+        acc[1] += 1
+    peak_event = events[best_i] if best_i >= 0 else {}
+    return {"base_bytes": base_bytes, "recorded_peak_bytes": base_bytes + best, "events": len(events),
+            "peak_event": best_i, "complete": complete,
+            "peak_allocation": [site_of([f]) for f in (peak_event.get("frames") or [])[:10]],
+            "sites": [{"site": s, "bytes": v[0], "blocks": v[1]}
+                      for s, v in sorted(sites.items(), key=lambda kv: -kv[1][0])[:top]]}
+
+
+def memory_text(title: str, b: dict) -> str:
+    mib = 2 ** 20
+    lines = [title,
+             f"peak allocated {b['max_allocated_bytes'] / mib:,.1f} MiB (torch.cuda.max_memory_allocated); at the "
+             f"recorded peak (event {b['peak_event']:,} of {b['events']:,}): {b['base_bytes'] / mib:,.1f} MiB "
+             f"allocated before the row began + {(b['recorded_peak_bytes'] - b['base_bytes']) / mib:,.1f} MiB of "
+             f"blocks allocated since, by line:" + ("" if b["complete"] else
+                                                     " (the trace overflowed: its first events are lost)")]
+    lines += [f"{s['bytes'] / mib:10,.1f} MiB {s['blocks']:6d} blocks  {s['site']}" for s in b["sites"]]
+    lines += ["", "the allocation that reached the peak, innermost frame first:"] + \
+             [f"  {f}" for f in b["peak_allocation"]]
+    return "\n".join(lines) + "\n"
+
+
+class MemoryRecorder:
+    """Records every CUDA allocation of one row, from before its first step to after its last, and writes where
+    its peak is: DIR/<name>-memory.txt and .json (peak_breakdown). Recording costs host time at every allocation:
+    a recorded row's speed is not comparable with an unrecorded one's."""
+
+    def __init__(self, out_dir, name: str, title: str):
+        self.out_dir, self.name, self.title = Path(out_dir), name, title
+        self.base = None
+
+    def start(self) -> None:
+        import torch
+
+        self.base = torch.cuda.memory_allocated()
+        torch.cuda.memory._record_memory_history(max_entries=MEMORY_EVENTS, context="alloc", stacks="python")
+
+    def finish(self) -> dict | None:
+        """Write the breakdown (None where start was not called); the recording stops either way."""
+        import torch
+
+        if self.base is None:
+            return None
+        try:
+            snap = torch.cuda.memory._snapshot()
+        finally:
+            torch.cuda.memory._record_memory_history(enabled=None)
+        traces = snap.get("device_traces") or [[]]
+        events = traces[torch.cuda.current_device()] if torch.cuda.current_device() < len(traces) else []
+        b = peak_breakdown(events, self.base, complete=len(events) < MEMORY_EVENTS)
+        b["max_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        self.base = None
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / f"{self.name}-memory.json").write_text(json.dumps({"title": self.title, **b}, indent=1))
+        (self.out_dir / f"{self.name}-memory.txt").write_text(memory_text(self.title, b))
+        return b

@@ -103,7 +103,9 @@ def markdown(report: dict) -> str:
             f"liger-kernel {env.get('liger-kernel')}\n"
             f"Matmul rate measured (bf16, 8192^3): {report.get('matmul_tflops') or 'n/a'} TFLOP/s. "
             f"{report['steps']} steps, median after {report['warmup_steps']} warm-up steps"
-            + (f"; memory budget {report['memory_budget_gib']} GiB" if report.get("memory_budget_gib") else "") + ".\n")
+            + (f"; memory budget {report['memory_budget_gib']} GiB" if report.get("memory_budget_gib") else "") + ".\n"
+            + (f"Every CUDA allocation recorded (--memory-profile {report['memory_profile']}): the speeds below include "
+               "the recording's host cost and do not count.\n" if report.get("memory_profile") else ""))
     lines = ["| model | batch x seq | path | plan | step s | tokens/s | MFU | HFU | peak alloc GiB | peak reserved GiB "
              "| weights GiB | vs baseline | loss max rel. diff (20 steps) |",
              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|"]

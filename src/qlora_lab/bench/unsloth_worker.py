@@ -169,38 +169,47 @@ def train_shape(spec: dict, model, facts: dict, init: dict, seq_len: int, batch_
         model.train()
     _peak_reset()
     times, probes, losses = [], [], []
-    profiling = _profiling()  # the step timing both workers share, and the profiler
+    profiling = _profiling()  # the step timing both workers share, the profiler and the memory recorder
+    memory = None
+    if spec.get("memory_profile"):
+        memory = profiling.MemoryRecorder(spec["memory_profile"], profiling.file_name(
+            spec["preset"], spec["label"], seq_len, batch_size), f"{spec['preset']} {spec['label']} {seq_len}x{batch_size}")
+        memory.start()
     prof = None
     if spec.get("profile"):
         prof = profiling.StepProfiler(spec["profile"], profiling.file_name(spec["preset"], spec["label"], seq_len,
                                       batch_size), f"{spec['preset']} {spec['label']} {seq_len}x{batch_size}",
                                       spec["steps"] - profiling.STEPS)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    phases = []
-    for ids in batches:  # one optimizer step per batch, no accumulation, as in our rows
-        marks = {}
-        ids = ids.to("cuda", non_blocking=True)
-        marks["batch"] = time.perf_counter()
-        if prof is not None:
-            prof.step_begin(len(times))
-        with torch.autocast("cuda", dtype=torch.bfloat16):  # the Trainer's bf16 mixed precision
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, spec["optimizer"]["max_grad_norm"])
-        marks["backward"] = time.perf_counter()
-        opt.step()
-        marks["optimizer"] = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))  # logged every step, as our rows do
-        marks["bookkeeping"] = time.perf_counter()
-        if prof is not None:
-            prof.step_end(len(times))
+    try:
         torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-        phases.append(profiling.host_phases(t, marks))
-        probes.append(profiling.host_probe_ms())  # outside the step's timing, as in our rows
         t = time.perf_counter()
+        phases = []
+        for ids in batches:  # one optimizer step per batch, no accumulation, as in our rows
+            marks = {}
+            ids = ids.to("cuda", non_blocking=True)
+            marks["batch"] = time.perf_counter()
+            if prof is not None:
+                prof.step_begin(len(times))
+            with torch.autocast("cuda", dtype=torch.bfloat16):  # the Trainer's bf16 mixed precision
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, spec["optimizer"]["max_grad_norm"])
+            marks["backward"] = time.perf_counter()
+            opt.step()
+            marks["optimizer"] = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))  # logged every step, as our rows do
+            marks["bookkeeping"] = time.perf_counter()
+            if prof is not None:
+                prof.step_end(len(times))
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+            phases.append(profiling.host_phases(t, marks))
+            probes.append(profiling.host_probe_ms())  # outside the step's timing, as in our rows
+            t = time.perf_counter()
+    finally:
+        if memory is not None:  # an OOM's breakdown too; stops the recording
+            memory.finish()
     del opt
     med = statistics.median(profiling.timed(times, spec["warmup"], prof is not None))
     trained = batch_size * (seq_len - 1)  # tokens with a next-token label, as our rows count

@@ -177,7 +177,7 @@ def _train_ours(spec, label, overrides, shape, model, summary, emit):
     from ..kernels import fused_lora, graphs, grouped_lora, levers, lora_mlp
     from ..model import set_recomputation
 
-    trainer = None
+    trainer = memory = None
     cfg = bench_config(spec["preset"], shape, spec["steps"], spec["memory_budget"], overrides)
     run = training.prepare_run_folder(cfg, Path(spec["workdir"]) / f"run-{label}-{shape}", resume=False)
     set_seed(cfg.train.seed)
@@ -200,7 +200,12 @@ def _train_ours(spec, label, overrides, shape, model, summary, emit):
         timer = _step_timer(_profiler(spec, label, shape))
         trainer.add_callback(timer)
         _peak_reset()
+        memory = _memory_recorder(spec, label, shape)
+        if memory is not None:
+            memory.start()
         trainer.train()
+        if memory is not None:
+            memory.finish()
         n = plan.recompute_layers
         words = (f"{plan.kernels}{' + fused LoRA' if plan.fused_lora else ''}, ckpt {n}/{hf_config.num_hidden_layers}, "
                  f"micro {plan.per_device_train_batch_size}x{plan.gradient_accumulation_steps}"
@@ -225,6 +230,8 @@ def _train_ours(spec, label, overrides, shape, model, summary, emit):
         if not is_out_of_memory(e):
             raise
     finally:
+        if memory is not None:
+            memory.finish()  # a failed row's breakdown too (an OOM's is the one that matters); stops the recording
         trainer = None
         _peak_reset()
     return model, summary
@@ -237,6 +244,14 @@ def _profiler(spec, label: str, shape: Shape):
     name = profiling.file_name(spec["preset"], label, shape.seq_len, shape.batch_size)
     return profiling.StepProfiler(spec["profile"], name, f"{spec['preset']} {label} {shape}",
                                   spec["steps"] - profiling.STEPS)
+
+
+def _memory_recorder(spec, label: str, shape: Shape):
+    """A MemoryRecorder for this row where the bench was asked to --memory-profile, else None."""
+    if not spec.get("memory_profile") or not is_main_process():
+        return None
+    name = profiling.file_name(spec["preset"], label, shape.seq_len, shape.batch_size)
+    return profiling.MemoryRecorder(spec["memory_profile"], name, f"{spec['preset']} {label} {shape}")
 
 
 def _failed_row(spec, shape, e) -> dict:

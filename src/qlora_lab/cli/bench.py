@@ -46,6 +46,10 @@ def add_parser(sub) -> None:
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="profile every row's last 3 steps (GPU kernels, ours and the peer's) into DIR/*.txt and "
                         "*.json; those steps are left out of the row's median")
+    p.add_argument("--memory-profile", default=None, metavar="DIR",
+                   help="record every CUDA allocation of each row (ours and the peer's) and write where its peak is, "
+                        "by the Python line that allocated each live block, to DIR/*-memory.txt and .json; the "
+                        "recording slows the host, so take speeds from another invocation (GPU only)")
     p.set_defaults(func=run)
 
 
@@ -92,7 +96,7 @@ def run(args) -> int:
                        memory_budget=args.memory_budget, overrides=args.overrides, variants=variants, multi_gpu=multi,
                        output=args.output, warmup=args.warmup, timeout=args.timeout,
                        command="qlora-lab " + " ".join(sys.argv[1:]), peer=args.peer, peer_python=args.peer_python,
-                       profile=args.profile, isolate=args.isolate)
+                       profile=args.profile, isolate=args.isolate, memory_profile=args.memory_profile)
     failed = [r for r in report["rows"] if r.get("status") != "ok"]
     bad_loss = [c for c in report["comparisons"] + report.get("scaling", []) if c.get("loss_ok") is False]
     if bad_loss:
