@@ -218,23 +218,31 @@ def test_each_peer_row_meets_our_fastest_row_that_peaks_no_higher():
                 "median_step_s": 1.0, "tokens_per_s": tok, "peak_allocated_bytes": int(gib * G),
                 "losses": [2.0, 1.9, 1.8], **kw}
 
-    rows = [row("ours", 14000, 19.0), row("ours[offload]", 10000, 6.25), row("ours[offload-eager]", 9500, 5.9),
+    rows = [row("ours", 14000, 19.0), row("ours[offload]", 10000, 6.25, peak_reserved_bytes=int(7.5 * G)),
+            row("ours[offload-eager]", 9500, 5.9),
             row("ours[ckpt-all]", 11000, 6.31), row("ours[dp]", 30000, 3.0, world_size=2),
             row("ours[budget15]", 50000, 5.0, seq=2048, batch=2), {**row("ours[oom]", 0, 0), "status": "oom"},
             row("baseline", 20000, 5.0),
-            row("unsloth[gc=unsloth]", 9000, 6.0, losses=[2.0, 1.9, 1.8 * 1.001]), row("unsloth[gc=off]", 14500, 20.0),
-            row("unsloth[gc=unsloth]", 8000, 5.0, seq=1024, batch=4)]
-    low, off, alone = compare_peer(rows)
+            row("unsloth[gc=unsloth]", 9000, 6.0, losses=[2.0, 1.9, 1.8 * 1.001], peak_reserved_bytes=6 * G),
+            row("unsloth[gc=off]", 14500, 20.0), row("unsloth[gc=unsloth]", 8000, 5.0, seq=1024, batch=4),
+            row("unsloth[gc=unsloth]", 40000, 4.0, seq=2048, batch=2)]
+    low, off, alone, above = compare_peer(rows)
     assert (low["ours"], low["ours_tokens_per_s"], low["peer"]) == ("ours[offload]", 10000, "unsloth[gc=unsloth]")
     assert low["speedup"] == pytest.approx(10000 / 9000) and low["peak_ratio"] == pytest.approx(6.25 / 6.0, rel=1e-6)
     assert low["loss_max_rel_diff"] == pytest.approx(0.001 / 1.001, rel=1e-3) and low["loss_steps"] == 3
     assert (off["ours"], off["speedup"]) == ("ours", pytest.approx(14000 / 14500))
-    assert alone["ours"] is None and alone["seq_len"] == 1024 and "speedup" not in alone
+    assert low["reserved_ratio"] == pytest.approx(7.5 / 6) and "reserved_ratio" not in off  # the peer's unknown
+    assert alone["ours"] is None and alone["seq_len"] == 1024 and "speedup" not in alone and "closest" not in alone
+    # A shape where ours all peak too high: the lowest of them named, with by how much it misses
+    assert above["ours"] is None and above["closest"] == {"path": "ours[budget15]", "speedup": 50000 / 40000,
+                                                          "peak_ratio": pytest.approx(5.0 / 4.0)}
     report = {"env": {}, "comparisons": [], "steps": 20, "warmup_steps": 5, "rows": rows,
-              "peer_comparisons": [low, off, alone]}
+              "peer_comparisons": [low, off, alone, above]}
     table = markdown(report)
     assert ("| llama2-7b | 8x512 | unsloth[gc=unsloth] | 9000 | 6.0 | ours[offload] | 10000 | 6.2 | 1.11x | +4.2% "
-            "| 0.10% over 3 steps |") in table
-    assert "| llama2-7b | 8x512 | unsloth[gc=off] | 14500 | 20.0 | ours | 14000 | 19.0 | 0.97x | -5.0% |" in table
-    assert "| llama2-7b | 4x1024 | unsloth[gc=unsloth] | 8000 | 5.0 | none peaks that low |" in table
+            "| +25.0% | 0.10% over 3 steps |") in table
+    assert "| llama2-7b | 8x512 | unsloth[gc=off] | 14500 | 20.0 | ours | 14000 | 19.0 | 0.97x | -5.0% |  | 0.00% over 3 steps |" in table
+    assert "| llama2-7b | 4x1024 | unsloth[gc=unsloth] | 8000 | 5.0 | none peaks that low | |" in table
+    assert ("| llama2-7b | 2x2048 | unsloth[gc=unsloth] | 40000 | 4.0 | none peaks that low (lowest: ours[budget15], "
+            "1.25x at +25.0%) |") in table
     assert "At each peer row" not in markdown({**report, "peer_comparisons": []})

@@ -32,8 +32,9 @@ PEER_MEMORY_SLACK = 0.05  # an ours-row may peak this much above a peer row and 
 
 def compare_peer(rows: list, slack: float = PEER_MEMORY_SLACK) -> list:
     """At each peer row (Unsloth's), our fastest one-GPU row of the same preset and shape whose peak allocated
-    memory is at most `slack` above the peer's: the speed and memory ratios and the loss agreement (ours None
-    where no row of ours peaks that low)."""
+    memory is at most `slack` above the peer's: the speed and memory ratios (allocated, the criterion; reserved,
+    what the GPU must hold) and the loss agreement. Where no row of ours peaks that low, ours is None and
+    `closest` is our row of that shape with the lowest peak: its path, speed ratio and peak ratio."""
     out = []
     ours = [r for r in rows if r["path"].startswith("ours") and r.get("status", "ok") == "ok"
             and r.get("world_size", 1) == 1 and r.get("tokens_per_s") and r.get("peak_allocated_bytes")]
@@ -42,18 +43,25 @@ def compare_peer(rows: list, slack: float = PEER_MEMORY_SLACK) -> list:
             continue
         if not (p.get("tokens_per_s") and p.get("peak_allocated_bytes")):
             continue
-        same = [r for r in ours if (r["preset"], r["seq_len"], r["batch_size"]) ==
-                (p["preset"], p["seq_len"], p["batch_size"])
-                and r["peak_allocated_bytes"] <= (1 + slack) * p["peak_allocated_bytes"]]
+        shape = [r for r in ours if (r["preset"], r["seq_len"], r["batch_size"]) ==
+                 (p["preset"], p["seq_len"], p["batch_size"])]
+        same = [r for r in shape if r["peak_allocated_bytes"] <= (1 + slack) * p["peak_allocated_bytes"]]
         c = {"preset": p["preset"], "seq_len": p["seq_len"], "batch_size": p["batch_size"], "peer": p["path"],
              "peer_tokens_per_s": p["tokens_per_s"], "peer_peak_allocated_bytes": p["peak_allocated_bytes"],
-             "memory_slack": slack, "ours": None}
+             "peer_peak_reserved_bytes": p.get("peak_reserved_bytes"), "memory_slack": slack, "ours": None}
         if same:
             best = max(same, key=lambda r: r["tokens_per_s"])
             c.update(ours=best["path"], ours_tokens_per_s=best["tokens_per_s"],
                      ours_peak_allocated_bytes=best["peak_allocated_bytes"],
+                     ours_peak_reserved_bytes=best.get("peak_reserved_bytes"),
                      speedup=best["tokens_per_s"] / p["tokens_per_s"],
                      peak_ratio=best["peak_allocated_bytes"] / p["peak_allocated_bytes"], **_loss_agreement(best, p))
+            if best.get("peak_reserved_bytes") and p.get("peak_reserved_bytes"):
+                c["reserved_ratio"] = best["peak_reserved_bytes"] / p["peak_reserved_bytes"]
+        elif shape:
+            low = min(shape, key=lambda r: r["peak_allocated_bytes"])
+            c["closest"] = {"path": low["path"], "speedup": low["tokens_per_s"] / p["tokens_per_s"],
+                            "peak_ratio": low["peak_allocated_bytes"] / p["peak_allocated_bytes"]}
         out.append(c)
     return out
 
@@ -156,16 +164,21 @@ def markdown(report: dict) -> str:
         lines += ["", f"At each peer row, our fastest row of the same model and shape that peaks at most "
                   f"{peer[0]['memory_slack']:.0%} above it (peak allocated):", "",
                   "| model | batch x seq | peer row | tokens/s | peak alloc GiB | our row | tokens/s | peak alloc GiB "
-                  "| speed | memory | loss max rel. diff |", "|---|---|---|---:|---:|---|---:|---:|---:|---:|---|"]
+                  "| speed | memory | reserved | loss max rel. diff |",
+                  "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---|"]
         for c in peer:
             row = (f"| {c['preset']} | {c['batch_size']}x{c['seq_len']} | {c['peer']} | {c['peer_tokens_per_s']:.0f} "
                    f"| {_gib(c['peer_peak_allocated_bytes'])} ")
             if c["ours"] is None:
-                lines.append(row + "| none peaks that low | | | | | |")
+                near = c.get("closest")
+                lines.append(row + "| none peaks that low" + (
+                    f" (lowest: {near['path']}, {near['speedup']:.2f}x at {near['peak_ratio'] - 1:+.1%})" if near else "")
+                    + " | | | | | | |")
                 continue
             loss = (f"{c['loss_max_rel_diff']:.2%} over {c['loss_steps']} steps" if "loss_steps" in c else "")
+            reserved = f"{c['reserved_ratio'] - 1:+.1%}" if "reserved_ratio" in c else ""
             lines.append(row + f"| {c['ours']} | {c['ours_tokens_per_s']:.0f} | {_gib(c['ours_peak_allocated_bytes'])} "
-                         f"| {c['speedup']:.2f}x | {c['peak_ratio'] - 1:+.1%} | {loss} |")
+                         f"| {c['speedup']:.2f}x | {c['peak_ratio'] - 1:+.1%} | {reserved} | {loss} |")
     for c in report.get("scaling") or []:
         line = f"\n{c['preset']} {c['path']} ({c['world_size']} GPUs, {c['batch_size']}x{c['seq_len']} in all) vs {c['reference']} on 1 GPU:"
         if "speedup" in c:
