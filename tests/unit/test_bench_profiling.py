@@ -139,3 +139,35 @@ def test_memory_profile_without_cuda_fails_in_one_line(tmp_path, capsys):
     assert rc == 2 and len(err.splitlines()) == 1 and "--memory-profile records CUDA allocations" in err, err
     assert not (tmp_path / "b.json").exists() and not (tmp_path / "m").exists()
 
+
+
+def test_memory_recorder_writes_its_breakdown_and_stops_recording_even_when_the_snapshot_fails(tmp_path, monkeypatch):
+    """MemoryRecorder's own steps with torch.cuda's recording functions stood in for (this machine has no CUDA; the
+    GPU test in tests/integration/test_gpu.py records real allocations)."""
+    calls = []
+    trace = [_alloc(1, 8, ("/repo/src/qlora_lab/kernels/graphs.py", 5, "capture"))]
+    snapshot = {"device_traces": [trace]}
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 2**30)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 2**30 + 8 * 2**20)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda.memory, "_record_memory_history", lambda *a, **k: calls.append(k.get("enabled", "on")))
+    monkeypatch.setattr(torch.cuda.memory, "_snapshot", lambda: snapshot)
+    rec = profiling.MemoryRecorder(tmp_path / "mem", "llama2-7b-ours-512x8", "llama2-7b ours 8x512")
+    assert rec.finish() is None and calls == []  # never started: nothing recorded, nothing written
+    rec.start()
+    b = rec.finish()
+    assert calls == ["on", None] and rec.finish() is None
+    assert b["base_bytes"] == 2**30 and b["recorded_peak_bytes"] == b["max_allocated_bytes"] == 2**30 + 8 * 2**20
+    assert b["sites"] == [{"site": "qlora_lab/kernels/graphs.py:5 capture", "bytes": 8 * 2**20, "blocks": 1}]
+    saved = json.loads((tmp_path / "mem" / "llama2-7b-ours-512x8-memory.json").read_text())
+    assert saved["title"] == "llama2-7b ours 8x512" and saved["sites"] == b["sites"]
+    assert (tmp_path / "mem" / "llama2-7b-ours-512x8-memory.txt").read_text().startswith("llama2-7b ours 8x512\n")
+
+    def broken():
+        raise RuntimeError("snapshot failed")
+
+    monkeypatch.setattr(torch.cuda.memory, "_snapshot", broken)
+    rec.start()
+    with pytest.raises(RuntimeError):
+        rec.finish()
+    assert calls[-2:] == ["on", None] and rec.finish() is None  # the recording stopped all the same, once

@@ -309,7 +309,8 @@ class MemoryRecorder:
         """Write the breakdown (None where start was not called); the recording stops either way."""
         import torch
 
-        if self.base is None:
+        base, self.base = self.base, None
+        if base is None:
             return None
         try:
             snap = torch.cuda.memory._snapshot()
@@ -317,9 +318,8 @@ class MemoryRecorder:
             torch.cuda.memory._record_memory_history(enabled=None)
         traces = snap.get("device_traces") or [[]]
         events = traces[torch.cuda.current_device()] if torch.cuda.current_device() < len(traces) else []
-        b = peak_breakdown(events, self.base, complete=len(events) < MEMORY_EVENTS)
+        b = peak_breakdown(events, base, complete=len(events) < MEMORY_EVENTS)
         b["max_allocated_bytes"] = torch.cuda.max_memory_allocated()
-        self.base = None
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"{self.name}-memory.json").write_text(json.dumps({"title": self.title, **b}, indent=1))
         (self.out_dir / f"{self.name}-memory.txt").write_text(memory_text(self.title, b))
