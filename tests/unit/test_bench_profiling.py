@@ -128,7 +128,18 @@ def test_memory_peak_is_the_live_blocks_at_the_fullest_event_by_allocating_line(
     assert text.startswith("tiny ours 32x2\npeak allocated 3,227.0 MiB") and "event 5 of 10" in text
     assert "     100.0 MiB      1 blocks  qlora_lab/kernels/lora_mlp.py:80 forward" in text
     assert "overflowed" not in text
+    assert b["base_freed_at_peak_bytes"] == 0 and "(0.0 MiB of it freed by then) + 155.0 MiB of blocks" in text
     assert profiling.peak_breakdown([], 0)["sites"] == [] and profiling.site_of([]) == "(no Python frame)"
+    # Blocks from before the recording leave the base where they are freed (once, whichever free event comes)
+    pre = [{"action": "free_requested", "addr": 88, "size": 10 * 2**20},
+           {"action": "free_completed", "addr": 88, "size": 10 * 2**20}]
+    b = profiling.peak_breakdown(pre + [_alloc(1, 4, mlp)], base_bytes=2**30)
+    assert (b["peak_event"], b["recorded_peak_bytes"], b["sites"]) == (-1, 2**30, [])  # the start was the peak
+    b = profiling.peak_breakdown([_alloc(1, 20, mlp)] + pre + [_alloc(2, 5, loss)], base_bytes=2**30)
+    assert (b["peak_event"], b["recorded_peak_bytes"], b["base_freed_at_peak_bytes"]) == (0, 2**30 + 20 * 2**20, 0)
+    b = profiling.peak_breakdown(pre + [_alloc(1, 8, mlp), _alloc(2, 5, loss)], base_bytes=2**30)
+    assert (b["peak_event"], b["recorded_peak_bytes"]) == (3, 2**30 + 3 * 2**20)
+    assert b["base_freed_at_peak_bytes"] == 10 * 2**20 and sum(x["bytes"] for x in b["sites"]) == 13 * 2**20
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

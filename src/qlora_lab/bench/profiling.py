@@ -245,23 +245,31 @@ def peak_breakdown(events: list, base_bytes: int, top: int = 25, complete: bool 
     device_traces for one GPU, in order; "alloc" and "free_requested" / "free_completed" actions with addr, size and
     frames); `base_bytes`: allocated when the recording began (weights, adapters: no event of theirs is recorded).
 
-    Replays the trace (a block counts from its alloc to its first free event) to the event where the most bytes
-    are live; those live blocks, summed by allocating line (site_of), largest first, are the breakdown."""
-    live, cur, best, best_i = {}, 0, 0, -1
+    Replays the trace (a block counts from its alloc to its first free event; a block from before the recording
+    leaves the base at its first free) to the event where the most bytes are live (-1: none above the start);
+    the blocks allocated since and live there, summed by allocating line (site_of), largest first, are the
+    breakdown."""
+    frees = ("free_requested", "free_completed")
+    live, gone, cur, best, best_i, base_freed, base_freed_at_peak = {}, set(), 0, 0, -1, 0, 0
     for i, e in enumerate(events):
-        action = e.get("action")
+        action, addr = e.get("action"), e.get("addr")
         if action == "alloc":
-            live[e["addr"]] = e["size"]
+            live[addr] = e["size"]
             cur += e["size"]
             if cur > best:
-                best, best_i = cur, i
-        elif action in ("free_requested", "free_completed") and e.get("addr") in live:
-            cur -= live.pop(e["addr"])
+                best, best_i, base_freed_at_peak = cur, i, base_freed
+        elif action in frees and addr in live:
+            cur -= live.pop(addr)
+            gone.add(addr)
+        elif action in frees and addr not in gone:  # allocated before the recording began
+            gone.add(addr)
+            cur -= e.get("size", 0)
+            base_freed += e.get("size", 0)
     at_peak = {}
     for e in events[:best_i + 1]:
         if e.get("action") == "alloc":
             at_peak[e["addr"]] = e
-        elif e.get("action") in ("free_requested", "free_completed"):
+        elif e.get("action") in frees:
             at_peak.pop(e.get("addr"), None)
     sites: dict[str, list] = {}
     for e in at_peak.values():
@@ -269,8 +277,8 @@ def peak_breakdown(events: list, base_bytes: int, top: int = 25, complete: bool 
         acc[0] += e["size"]
         acc[1] += 1
     peak_event = events[best_i] if best_i >= 0 else {}
-    return {"base_bytes": base_bytes, "recorded_peak_bytes": base_bytes + best, "events": len(events),
-            "peak_event": best_i, "complete": complete,
+    return {"base_bytes": base_bytes, "base_freed_at_peak_bytes": base_freed_at_peak,
+            "recorded_peak_bytes": base_bytes + best, "events": len(events), "peak_event": best_i, "complete": complete,
             "peak_allocation": [site_of([f]) for f in (peak_event.get("frames") or [])[:10]],
             "sites": [{"site": s, "bytes": v[0], "blocks": v[1]}
                       for s, v in sorted(sites.items(), key=lambda kv: -kv[1][0])[:top]]}
@@ -281,7 +289,8 @@ def memory_text(title: str, b: dict) -> str:
     lines = [title,
              f"peak allocated {b['max_allocated_bytes'] / mib:,.1f} MiB (torch.cuda.max_memory_allocated); at the "
              f"recorded peak (event {b['peak_event']:,} of {b['events']:,}): {b['base_bytes'] / mib:,.1f} MiB "
-             f"allocated before the row began + {(b['recorded_peak_bytes'] - b['base_bytes']) / mib:,.1f} MiB of "
+             f"allocated before the row began ({b['base_freed_at_peak_bytes'] / mib:,.1f} MiB of it freed by then) + "
+             f"{(b['recorded_peak_bytes'] - b['base_bytes'] + b['base_freed_at_peak_bytes']) / mib:,.1f} MiB of "
              f"blocks allocated since, by line:" + ("" if b["complete"] else
                                                      " (the trace overflowed: its first events are lost)")]
     lines += [f"{s['bytes'] / mib:10,.1f} MiB {s['blocks']:6d} blocks  {s['site']}" for s in b["sites"]]
