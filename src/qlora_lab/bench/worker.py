@@ -204,8 +204,6 @@ def _train_ours(spec, label, overrides, shape, model, summary, emit):
         if memory is not None:
             memory.start()
         trainer.train()
-        if memory is not None:
-            memory.finish()
         n = plan.recompute_layers
         words = (f"{plan.kernels}{' + fused LoRA' if plan.fused_lora else ''}, ckpt {n}/{hf_config.num_hidden_layers}, "
                  f"micro {plan.per_device_train_batch_size}x{plan.gradient_accumulation_steps}"
@@ -231,7 +229,7 @@ def _train_ours(spec, label, overrides, shape, model, summary, emit):
             raise
     finally:
         if memory is not None:
-            memory.finish()  # a failed row's breakdown too (an OOM's is the one that matters); stops the recording
+            memory.finish()  # every row's breakdown, a failed one's too (an OOM's matters most); stops the recording
         trainer = None
         _peak_reset()
     return model, summary
