@@ -64,12 +64,19 @@ def test_step_profiler_writes_the_tables_of_its_steps_only(tmp_path):
     assert table.startswith("tiny ours 32x2\n3 steps profiled") and "aten::mm |" in table
 
 
-def test_profile_needs_a_timed_step_left(tmp_path, capsys):
-    rc = cli.main(["bench", "--preset", "tiny-llama", "--seq-len", "32", "--batch-size", "2", "--steps", "4",
-                   "--profile", str(tmp_path / "p"), "--output", str(tmp_path / "b.json")])
+def _refused(capsys, tmp_path, steps: int, *flag) -> str:
+    """The one-line error of a tiny bench refused before any worker starts: nothing written, neither the report nor
+    the folder the flag names (tmp_path / "out")."""
+    rc = cli.main(["bench", "--preset", "tiny-llama", "--seq-len", "32", "--batch-size", "2", "--steps", str(steps),
+                   *flag, str(tmp_path / "out"), "--output", str(tmp_path / "b.json")])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and len(err.splitlines()) == 1 and "--steps >= 5" in err, err
-    assert not (tmp_path / "b.json").exists() and not (tmp_path / "p").exists()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "b.json").exists() and not (tmp_path / "out").exists()
+    return err
+
+
+def test_profile_needs_a_timed_step_left(tmp_path, capsys):
+    assert "--steps >= 5" in _refused(capsys, tmp_path, 4, "--profile")
 
 
 def test_idle_gaps_are_the_span_less_the_union_of_kernels_named_by_their_neighbours():
@@ -144,12 +151,7 @@ def test_memory_peak_is_the_live_blocks_at_the_fullest_event_by_allocating_line(
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_memory_profile_without_cuda_fails_in_one_line(tmp_path, capsys):
-    rc = cli.main(["bench", "--preset", "tiny-llama", "--seq-len", "32", "--batch-size", "2", "--steps", "2",
-                   "--memory-profile", str(tmp_path / "m"), "--output", str(tmp_path / "b.json")])
-    err = capsys.readouterr().err.strip()
-    assert rc == 2 and len(err.splitlines()) == 1 and "--memory-profile records CUDA allocations" in err, err
-    assert not (tmp_path / "b.json").exists() and not (tmp_path / "m").exists()
-
+    assert "--memory-profile records CUDA allocations" in _refused(capsys, tmp_path, 2, "--memory-profile")
 
 
 def test_memory_recorder_writes_its_breakdown_and_stops_recording_even_when_the_snapshot_fails(tmp_path, monkeypatch):
