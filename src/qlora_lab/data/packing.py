@@ -65,7 +65,8 @@ class Collator:
 
 def _long(rows: list, torch):
     """An int64 tensor of equal-length rows of Python ints: through numpy, ~3.5x faster than torch.tensor on a
-    list of lists (0.07 against 0.23 ms for 8 x 512), host time the GPU waits through between steps."""
+    list of lists (0.07 against 0.23 ms for 8 x 512, measured with timeit on a 2-core x86 CPU machine), host time
+    the GPU waits through between steps."""
     import numpy as np
 
     return torch.from_numpy(np.array(rows, dtype=np.int64))
