@@ -137,36 +137,42 @@ class LoRALinearFunction(torch.autograd.Function):
         x2, xa, weight, a, b = ctx.saved_tensors
         g = _as(grad.reshape(-1, grad.shape[-1]), ctx.dtype)
         needs = ctx.needs_input_grad
-        dx, da, db = backward_2d(g, x2, xa, weight, ctx.quant_state, a, b, ctx.scale, ctx.p, ctx.rng, ctx.dtype,
-                                 needs[0], needs[4], needs[5])
-        if dx is not None:
+        ga, da, db, mask = adapter_grads(g, x2, xa, a, b, ctx.scale, ctx.p, ctx.rng, needs[4], needs[5])
+        dx = None
+        if needs[0]:
+            dx = input_grad(g, ga, weight, ctx.quant_state, a, ctx.p, ctx.rng, mask, ctx.dtype)
             dx = _as(dx.view(ctx.x_shape), ctx.x_dtype)
         da = _as(da, ctx.a_dtype) if da is not None else None
         db = _as(db, ctx.b_dtype) if db is not None else None
         return dx, None, None, None, da, db, None, None, None, None
 
 
-def backward_2d(g, x2, xa, weight, quant_state, a, b, scale: float, p: float, rng, dtype,
-                need_dx: bool, need_da: bool, need_db: bool):
-    """(dx, dA, dB) of y = x W^T + s drop(x) A^T B^T for 2-D x and output gradient g, in the compute dtype (None
-    where not needed): xa = drop(x) A^T as the forward saved it, the mask drawn again from `rng` (None: no
-    dropout). LoRALinearFunction's backward, and the down projection's in lora_mlp.py."""
+# The backward of y = x W^T + s drop(x) A^T B^T for 2-D x and output gradient g, in the compute dtype, in two
+# parts: the adapters' gradients first, which need x (as dropped out in the forward), then the input gradient,
+# which needs the dequantized W but not x. A caller that computed x for the backward (lora_mlp.py recomputes the
+# down projection's input) frees it between the two, so x and W are never alive together.
+
+def adapter_grads(g, x2, xa, a, b, scale: float, p: float, rng, need_da: bool, need_db: bool):
+    """(ga, dA, dB, mask): ga = s g B (d loss / d x_a, which `input_grad` needs too); dA and dB (None where not
+    needed); xa = drop(x) A^T as the forward saved it, the mask drawn again from `rng` (None: no dropout), and
+    returned where torch drew it (None where dropout.py draws it again from its seed)."""
     xd, mask = redraw(x2, p, rng) if rng is not None else (x2, None)
-    ga = torch.addmm(xa, g, b, beta=0, alpha=scale)          # d loss / d x_a = s g B (xa: shape only)
-    dx = da = db = None
-    if need_dx:
-        w = _dequantize(weight, quant_state, dtype)
-        dx = torch.mm(g, w)
-        del w
-        if rng is None:
-            dx.addmm_(ga, a)
-        else:
-            add_dropped_(dx, torch.mm(ga, a), p, rng, mask)
-    if need_da:
-        da = torch.mm(ga.t(), xd)
-    if need_db:
-        db = torch.addmm(b, g.t(), xa, beta=0, alpha=scale)  # s g^T x_a (b: shape only)
-    return dx, da, db
+    ga = torch.addmm(xa, g, b, beta=0, alpha=scale)          # xa: shape only
+    da = torch.mm(ga.t(), xd) if need_da else None
+    db = torch.addmm(b, g.t(), xa, beta=0, alpha=scale) if need_db else None  # s g^T x_a (b: shape only)
+    return ga, da, db, mask
+
+
+def input_grad(g, ga, weight, quant_state, a, p: float, rng, mask, dtype):
+    """dx = g W + the dropout backward of ga A (ga, mask: from `adapter_grads`)."""
+    w = _dequantize(weight, quant_state, dtype)
+    dx = torch.mm(g, w)
+    del w
+    if rng is None:
+        dx.addmm_(ga, a)
+    else:
+        add_dropped_(dx, torch.mm(ga, a), p, rng, mask)
+    return dx
 
 
 def _quant_state(base):

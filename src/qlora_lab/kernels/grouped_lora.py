@@ -83,7 +83,7 @@ class GroupedLoRAFunction(torch.autograd.Function):
             else:
                 torch.addmm(_as(biases[i], dtype), x2, w.t(), out=y.view(-1, w.shape[0]))
             ys.append(y)
-        del w
+            del w  # before the next layer's is dequantized: one dequantized weight alive at a time
         ctx.rngs = [None] * n
         if all(m[2] == 0.0 for m in meta):  # no dropout: one A matmul for the group
             xa = list(torch.mm(x2, torch.cat(a).t()).split([t.shape[0] for t in a], dim=1))
@@ -116,7 +116,7 @@ class GroupedLoRAFunction(torch.autograd.Function):
             for i in live:
                 w = _dequantize(ws[i], meta[i][0], dtype)
                 dx = torch.mm(g[i], w) if dx is None else dx.addmm_(g[i], w)
-            del w
+                del w  # as in the forward
         out = [None] * (4 * n)
         ga_all = torch.cat([ga[i] for i in range(n)], dim=1) if stacked else None
         if stacked:  # one matmul each for the input-gradient term and the A gradients
@@ -137,6 +137,7 @@ class GroupedLoRAFunction(torch.autograd.Function):
                 out[4 * i + 2] = _as(da_all[i] if stacked else torch.mm(ga[i].t(), xd), a_dtype)
             if ctx.needs_input_grad[3 + 4 * i + 3]:
                 out[4 * i + 3] = _as(torch.addmm(b[i], g[i].t(), xa[i], beta=0, alpha=meta[i][1]), b_dtype)
+            del xd, mask  # before the next layer's mask is drawn
         if dx is not None:
             dx = _as(dx.view(ctx.x_shape), ctx.x_dtype)
         return (dx, None, None, *out)

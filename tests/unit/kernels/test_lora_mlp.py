@@ -91,6 +91,56 @@ def test_a_checkpointed_block_holds_no_activation():
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_backward_dequantizes_with_no_other_large_temporary_alive(monkeypatch, dropout, checkpointing):
+    """Every weight the backward dequantizes (the recomputation's forward included) is made while no other
+    dequantized weight, no recomputed activation h (the down projection's input, made again in the backward)
+    and no dropped-out input is alive: each costs a (tokens x MLP width) or (MLP width x hidden) tensor at the
+    backward's peak (Llama-2-7B at 4,096 tokens: 86 MiB each). Storages are watched through weak references; the
+    CPU path (bitsandbytes' dequantization, torch's SiLU-mul and dropout) exercises the same order of calls as
+    the GPU's, whose kernels only replace what each call computes."""
+    import weakref
+
+    from qlora_lab.kernels import grouped_lora
+
+    model = _ours("tiny_llama_qlora", f"lora.lora_dropout={dropout}", checkpointing=checkpointing)
+    x = torch.randint(4, 200, (2, 16))
+    loss = model(input_ids=x, labels=x).loss
+    temporaries, seen, watching = [], [], [False]
+
+    def watch(kind, t):
+        if watching[0]:
+            temporaries.append((kind, weakref.ref(t.untyped_storage())))
+        return t
+
+    real_deq, real_act, real_redraw = fused_lora._dequantize, lora_mlp._act_forward, fused_lora.redraw
+
+    def dequantize(*args):
+        if watching[0]:
+            seen.append([kind for kind, ref in temporaries if ref() is not None])
+        return watch("weight", real_deq(*args))
+
+    def redraw(*args):
+        xd, mask = real_redraw(*args)
+        return watch("dropped input", xd), mask
+
+    for module in (fused_lora, lora_mlp, grouped_lora):
+        monkeypatch.setattr(module, "_dequantize", dequantize)
+    monkeypatch.setattr(fused_lora, "redraw", redraw)
+    monkeypatch.setattr(grouped_lora, "redraw", redraw)
+    monkeypatch.setattr(lora_mlp, "_act_forward", lambda kind, ups: watch("activation", real_act(kind, ups)))
+    watching[0] = True
+    loss.backward()
+    layers = model.config.num_hidden_layers
+    # q, k, v, o and gate, up, down once each in every layer's backward (but the first layer's q, k, v without
+    # recomputation: its input, the embeddings' output, needs no gradient then), and all but down again in a
+    # recomputation
+    assert len(seen) == (layers * 13 if checkpointing else layers * 7 - 3)
+    assert sum(kind == "activation" for kind, _ in temporaries) == layers * (2 if checkpointing else 1)
+    assert [alive for alive in seen if alive] == []
+
+
 def test_recomputation_skips_the_down_projection_but_not_its_gradients(monkeypatch):
     """Inside a recomputation the block's output is not computed (its product is thrown away): the output
     is left unwritten, and the gradients are those of an ordinary backward."""
