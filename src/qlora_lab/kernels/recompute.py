@@ -186,7 +186,7 @@ def _rng_states(device):
 
 class _Offloaded(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, run, slot, x):
+    def forward(ctx, run, slot, x, anchor):
         ctx.run, ctx.slot, ctx.token = run, slot, object()
         ctx.rng = _rng_states(x.device)
         ctx.autocast = (torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
@@ -197,7 +197,8 @@ class _Offloaded(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         device = grad.device
-        x = stash.get(ctx.slot, ctx.token, device).detach().requires_grad_(True)
+        wants_dx = ctx.needs_input_grad[2]
+        x = stash.get(ctx.slot, ctx.token, device).detach().requires_grad_(wants_dx)
         cpu_rng, cuda_rng = ctx.rng
         enabled, dtype = ctx.autocast
         with torch.random.fork_rng(devices=[device] if cuda_rng is not None else [], device_type=device.type):
@@ -206,8 +207,21 @@ class _Offloaded(torch.autograd.Function):
                 torch.cuda.set_rng_state(cuda_rng, device)
             with torch.enable_grad(), torch.autocast(device.type, dtype=dtype, enabled=enabled), _recomputation:
                 out = ctx.run(x)
-        torch.autograd.backward(out, grad)  # adapter gradients accumulate into their .grad (reentrant style)
-        return None, None, x.grad
+        if out.requires_grad:  # adapter gradients accumulate into their .grad (reentrant style)
+            torch.autograd.backward(out, grad)
+        return None, None, x.grad if wants_dx else None, None
+
+
+_ANCHORS: dict = {}
+
+
+def _anchor(device):
+    """An empty tensor that requires grad, one per device: an input of every offloaded call, so that autograd runs
+    its backward (and with it the adapters') even where x does not require grad. Its gradient is None."""
+    t = _ANCHORS.get(device)
+    if t is None:
+        t = _ANCHORS[device] = torch.empty(0, device=device, requires_grad=True)
+    return t
 
 
 def is_offloaded(layer) -> bool:
@@ -218,12 +232,9 @@ def is_offloaded(layer) -> bool:
 
 def offloaded(run, x, *args, slot: int):
     """A checkpointed call of run(x, *args) whose input x waits in pinned CPU memory until the backward: the
-    signature of a decoder layer's `_gradient_checkpointing_func`, with the layer's index as `slot`. x must
-    require grad (model.set_recomputation makes the embeddings' output require it), else no gradient would
-    reach the layer's adapters."""
-    if torch.is_grad_enabled() and not x.requires_grad:
-        raise RuntimeError("offloaded checkpoint: the layer input does not require grad, so its adapters would "
-                           "get no gradient (call model.enable_input_require_grads())")
+    signature of a decoder layer's `_gradient_checkpointing_func`, with the layer's index as `slot`. x need not
+    require grad (the first layer's input, the embeddings' output, does not): the call's backward runs for the
+    layer's adapters all the same, and gives x a gradient only where x wants one."""
     extra = []
 
     def first(h):  # the hidden states; what else a layer returns (None in training) is handed back as it was
@@ -233,5 +244,5 @@ def offloaded(run, x, *args, slot: int):
             return out[0]
         return out
 
-    out = _Offloaded.apply(first, slot, x)
+    out = _Offloaded.apply(first, slot, x, _anchor(x.device))
     return (out, *extra[0]) if extra else out

@@ -77,6 +77,18 @@ def test_the_recomputation_is_marked():
     torch.testing.assert_close(x.grad, torch.full((3,), 2.0))
 
 
+def test_an_input_without_grad_still_trains_the_layer():
+    """The first layer's input (the embeddings' output) does not require grad: the call's backward runs for the
+    layer's own parameters, and the input gets no gradient."""
+    w = torch.randn(3, requires_grad=True)
+    x = torch.randn(3)
+    out = recompute.offloaded(lambda h: h * w, x, slot=0)
+    assert out.requires_grad
+    out.sum().backward()
+    torch.testing.assert_close(w.grad, x)
+    assert x.grad is None
+
+
 def test_the_first_forward_runs_the_training_arithmetic(monkeypatch):
     """An offloaded layer's first forward runs without autograd, yet through the fused LoRA path (whose
     dropout masks the recomputation draws again), not peft's module chain: on a GPU peft's dropout draws
