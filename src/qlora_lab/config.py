@@ -121,6 +121,11 @@ class TrainConfig:
         "(the same functions with the same arguments) instead of through its Python layers, ~75 us less host time "
         "per adapter tensor a step (kernels/optimizer_step.py; bit for bit bitsandbytes' step; +2.6-4.4% on an "
         "H100, bench run 22)")
+    optimizer_fused: bool = _f(
+        False, "with optimizer_sync per-step on a GPU with Triton: bitsandbytes' 32-bit paged AdamW states of every "
+        "adapter tensor in one paged buffer (one prefetch a step) and every update in one kernel launch instead of "
+        "448 (kernels/fused_adam.py; the same update to within fp32 rounding; weight decay 0 only, else bitsandbytes' "
+        "own). Off until a GPU run measures it")
     nf4_kernel: bool = _f(
         True, "with fused_lora on CUDA: dequantize NF4 weights in one Triton kernel (kernels/nf4.py; checked against "
         "bitsandbytes once per GPU) instead of bitsandbytes' three: same numbers, 23-33% faster on an H200")

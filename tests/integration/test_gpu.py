@@ -275,6 +275,57 @@ def test_direct_optimizer_calls_are_bitsandbytes_step_bit_for_bit_on_the_gpu(cls
                 assert sa[k] == sb[k], k
 
 
+def _fused_steps(cls, fused: bool, steps: int = 4):
+    """As _optimizer_steps, without weight decay (what the fused step takes), bitsandbytes' own step or the one-sync
+    step with kernels/fused_adam.py's one launch; returns (params, optimizer, prefetch calls per step)."""
+    import bitsandbytes as bnb
+    import torch
+
+    from qlora_lab.kernels import fused_adam, optimizer_step
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [(64, 4096), (11008, 64), (8, 8), (64, 300)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=g, device="cuda") * 0.02) for s in shapes]
+    opt = cls(params, lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    fetches = []
+    if fused:
+        assert optimizer_step.sync_once(opt, direct=True, fused=True) and opt._qlora_lab_fused is not None
+        real = opt._qlora_lab_fused.prefetch
+        opt._qlora_lab_fused.prefetch = lambda pool, d: fetches.append(1) or real(pool, d)
+    for step in range(steps):
+        for i, p in enumerate(params):
+            p.grad = None if (i == 2 and step % 2) else torch.randn(p.shape, generator=g, device="cuda") * 1e-2
+        opt.step()
+    torch.cuda.synchronize()
+    return params, opt, len(fetches) / steps
+
+
+@pytest.mark.parametrize("cls_name", ["PagedAdamW32bit", "AdamW32bit"])
+def test_fused_optimizer_is_bitsandbytes_step_to_fp32_rounding_on_the_gpu(cls_name):
+    """kernels/fused_adam.py (train.optimizer_fused): every tensor's update in one Triton launch, the states pooled
+    (in paged memory for a paged optimizer, one prefetch a step): parameters and states within fp32 rounding of
+    bitsandbytes' own CUDA step (the step size comes from the host; printed: how many values differ at all)."""
+    import bitsandbytes as bnb
+    import torch
+
+    cls = getattr(bnb.optim, cls_name)
+    ref, ref_opt, _ = _fused_steps(cls, fused=False)
+    got, got_opt, fetches = _fused_steps(cls, fused=True)
+    fused = got_opt._qlora_lab_fused
+    assert len(fused.params) == 4
+    assert getattr(fused.pool, "is_paged", False) is cls_name.startswith("Paged")
+    assert fetches == 1
+    differ = 0
+    for i, (a, b) in enumerate(zip(ref, got)):
+        pairs = [(a, b)] + [(ref_opt.state[a][k].cpu(), got_opt.state[b][k].cpu()) for k in ("state1", "state2")]
+        assert ref_opt.state[a]["step"] == got_opt.state[b]["step"]
+        for x, y in pairs:
+            x, y = x.detach().float().cpu(), y.detach().float().cpu()
+            assert (x - y).abs().max().item() <= 4 * torch.finfo(torch.float32).eps * x.abs().max().item(), i
+            differ += int((x != y).sum())
+    print(f"{cls_name}: {differ} values differ from bitsandbytes' step (all within fp32 rounding)")
+
+
 def test_memory_recorder_names_the_line_that_holds_the_peak_on_the_gpu(tmp_path):
     """bench --memory-profile's recorder (bench/profiling.py) on real CUDA allocations: the peak's live blocks,
     summed by the line of this test that allocated them, and what was allocated before it began."""

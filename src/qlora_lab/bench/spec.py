@@ -15,8 +15,8 @@ LOSS_TOLERANCE = 0.01    # relative
 BATCH_SEED = 1234        # seeds the synthetic batches (with the shape), the same for every path
 # Variants that only change these keys run inside the "ours" process, on the model it already loaded.
 RUNTIME_KEYS = ("train.fused_lora", "train.gradient_checkpointing", "train.memory_budget_gib", "train.optimizer_sync",
-                "train.optimizer_direct", "train.group_lora", "train.nf4_kernel", "train.cuda_graphs",
-                "train.fused_mlp", "train.offload_checkpoints", "train.offload_graphs")
+                "train.optimizer_direct", "train.optimizer_fused", "train.group_lora", "train.nf4_kernel",
+                "train.cuda_graphs", "train.fused_mlp", "train.offload_checkpoints", "train.offload_graphs")
 
 
 @dataclass(frozen=True)

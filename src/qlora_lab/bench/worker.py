@@ -213,6 +213,7 @@ def _train_ours(spec, label, overrides, shape, model, summary, emit):
                  + (", inputs offloaded" if plan.offload_checkpoints else "")
                  + (", 1 optimizer sync/step" if cfg.train.optimizer_sync == "per-step" else "")
                  + (", direct optimizer calls" if getattr(trainer.optimizer, "_qlora_lab_direct", False) else "")
+                 + (", fused optimizer" if getattr(trainer.optimizer, "_qlora_lab_fused", None) else "")
                  + (", bitsandbytes dequant" if plan.fused_lora and not cfg.train.nf4_kernel else "")
                  + (f", layer graphs ({graphs.captures(model)} capture)" if graphs.count(model) else ""))
         emit("row", row=_row({**spec, "label": label}, shape, timer, spec["steps"], spec["warmup"], hf_config,

@@ -48,16 +48,23 @@ def _step_sync_once(self, closure=None):
     if closure is not None:
         with torch.enable_grad():
             loss = closure()
+    fused = getattr(self, "_qlora_lab_fused", None)
     if not self.initialized:
         self.check_overrides()
+        if fused is not None:  # before to_gpu, which would move states loaded from a checkpoint to the GPU
+            fused.ensure()
         self.to_gpu()
         self.initialized = True
+    done = fused.step() if fused is not None else ()
     direct = getattr(self, "_qlora_lab_direct", False)
     last = None
     for gindex, group in enumerate(self.param_groups):
         call = None
         for pindex, p in enumerate(group["params"]):
             if p.grad is None:
+                continue
+            if id(p) in done:  # updated by fused_adam.py's one launch
+                last = p
                 continue
             if len(self.state[p]) == 0:
                 self.init_state(group, p, gindex, pindex)
@@ -127,13 +134,21 @@ class _Direct:
         return True
 
 
-def sync_once(optimizer, direct: bool = False) -> bool:
-    """Give `optimizer` (a bitsandbytes optimizer) the once-per-step sync, and with `direct` the direct calls of
-    bitsandbytes' C functions where a parameter allows them; False (unchanged) for any other optimizer."""
+def sync_once(optimizer, direct: bool = False, fused: bool = False) -> bool:
+    """Give `optimizer` (a bitsandbytes optimizer) the once-per-step sync, with `direct` the direct calls of
+    bitsandbytes' C functions where a parameter allows them, and with `fused` fused_adam.py's one launch for the
+    tensors it takes (on this process's GPU, with Triton); False (unchanged) for any other optimizer."""
     if not supported(optimizer):
         return False
     optimizer.step = types.MethodType(_step_sync_once, optimizer)
     optimizer._qlora_lab_direct = bool(direct) and _direct_available()
+    optimizer._qlora_lab_fused = None
+    if fused and torch.cuda.is_available():
+        from . import fused_adam
+
+        device = torch.device("cuda", torch.cuda.current_device())
+        if fused_adam.available(device):
+            optimizer._qlora_lab_fused = fused_adam.FusedAdam(optimizer, device)
     return True
 
 

@@ -313,7 +313,8 @@ def build_trainer(cfg: Config, plan, model, tokenizer, train_ds, eval_ds, run: R
     collator = Collator(tokenizer.pad_token_id, packing=cfg.data.packing)
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds if has_eval else None,
                       data_collator=collator, processing_class=tokenizer, optimizer_sync=t.optimizer_sync,
-                      optimizer_direct=t.optimizer_direct)
+                      optimizer_direct=t.optimizer_direct,
+                      optimizer_fused=t.optimizer_fused)
     callback = callback or RunCallback(run)
     callback.trainer = trainer
     trainer.add_callback(callback)

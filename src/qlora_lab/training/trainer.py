@@ -18,10 +18,12 @@ except ImportError:  # pragma: no cover - transformers is a hard dependency
 class Trainer(_HFTrainer):
     """Trainer that counts trained (unmasked) tokens, the x-axis users compare runs on."""
 
-    def __init__(self, *a, optimizer_sync: str = "per-step", optimizer_direct: bool = True, **kw):
+    def __init__(self, *a, optimizer_sync: str = "per-step", optimizer_direct: bool = True,
+                 optimizer_fused: bool = False, **kw):
         super().__init__(*a, **kw)
         self.optimizer_sync = optimizer_sync  # train.optimizer_sync: applied in create_optimizer
         self.optimizer_direct = optimizer_direct  # train.optimizer_direct: likewise
+        self.optimizer_fused = optimizer_fused  # train.optimizer_fused: likewise
         self.tokens_trained = 0      # all processes, since the run began (restored on --resume)
         self._tokens_resumed = 0
         self._local_tokens = 0       # this process, this session
@@ -34,10 +36,12 @@ class Trainer(_HFTrainer):
         from ..kernels import optimizer_step
 
         opt = super().create_optimizer(*a, **kw)
-        if self.optimizer_sync == "per-step" and optimizer_step.sync_once(opt, direct=self.optimizer_direct):
-            log.info("optimizer: %s, one device sync per step (train.optimizer_sync)%s", type(opt).__name__,
+        if self.optimizer_sync == "per-step" and optimizer_step.sync_once(opt, direct=self.optimizer_direct,
+                                                                          fused=self.optimizer_fused):
+            log.info("optimizer: %s, one device sync per step (train.optimizer_sync)%s%s", type(opt).__name__,
                      ", bitsandbytes' C functions called directly (train.optimizer_direct)"
-                     if opt._qlora_lab_direct else "")
+                     if opt._qlora_lab_direct else "",
+                     ", 32-bit updates in one launch (train.optimizer_fused)" if opt._qlora_lab_fused else "")
         return opt
 
     def train(self, *a, **kw):
