@@ -72,6 +72,7 @@ class FusedAdam:
         self.views: list = []       # their (state1, state2): views of the pool
         self.pool = None
         self.betas = None
+        self.planned = False        # ensure() has chosen the tensors (perhaps none)
 
     # -- the pool ------------------------------------------------------------------------------------------
     def _eligible(self) -> list:
@@ -94,9 +95,10 @@ class FusedAdam:
     def ensure(self) -> None:
         """Pool the states where that has not been done, or where something replaced them since (a state dict
         loaded): after bitsandbytes' check_overrides, before its to_gpu."""
-        if self.pool is not None and all(self.opt.state.get(p, {}).get("state1") is v1
-                                         for p, (v1, _) in zip(self.params, self.views)):
+        if self.planned and all(self.opt.state.get(p, {}).get("state1") is v1
+                                for p, (v1, _) in zip(self.params, self.views)):
             return
+        self.planned = True
         chosen = self._eligible()
         self.params = [p for _, p in chosen]
         self.groups = [g for g, _ in chosen]
