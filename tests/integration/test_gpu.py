@@ -326,6 +326,53 @@ def test_fused_optimizer_is_bitsandbytes_step_to_fp32_rounding_on_the_gpu(cls_na
     print(f"{cls_name}: {differ} values differ from bitsandbytes' step (all within fp32 rounding)")
 
 
+def test_a_resumed_paged_optimizer_keeps_its_states_in_paged_memory_on_the_gpu():
+    """States loaded from a checkpoint go back to paged memory at the first step (optimizer_step.page_loaded_states),
+    not onto the GPU as ordinary tensors as bitsandbytes' to_gpu would put them: the resumed step allocates far less
+    than the states' size, and trains as the uninterrupted run does, bit for bit."""
+    import io
+
+    import bitsandbytes as bnb
+    import torch
+
+    from qlora_lab.kernels import optimizer_step
+
+    def run(steps, start=None, state=None):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        shapes = [(64, 4096), (11008, 64), (64, 300)]
+        params = [torch.nn.Parameter(torch.randn(s, generator=g, device="cuda") * 0.02) for s in shapes]
+        if start is not None:
+            with torch.no_grad():
+                for p, q in zip(params, start):
+                    p.copy_(q)
+        opt = bnb.optim.PagedAdamW32bit(params, lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+        assert optimizer_step.sync_once(opt, direct=True)
+        if state is not None:
+            opt.load_state_dict(torch.load(state, weights_only=True, map_location="cpu"))  # as the Trainer loads it
+        grow = None
+        for step in range(steps):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g, device="cuda") * 1e-2
+            if step >= (2 if start is not None else 0):
+                before = torch.cuda.memory_allocated()
+                opt.step()
+                torch.cuda.synchronize()
+                grow = torch.cuda.memory_allocated() - before if grow is None else grow
+        return params, opt, grow
+
+    whole, _, _ = run(4)
+    first, opt, _ = run(2)
+    saved = io.BytesIO()
+    torch.save(opt.state_dict(), saved)
+    saved.seek(0)
+    resumed, ropt, grow = run(4, start=[p.detach() for p in first], state=saved)
+    states = sum(2 * 4 * p.numel() for p in resumed if p.numel() >= 1e5)
+    assert grow < states / 4, (grow, states)
+    assert all(getattr(ropt.state[p]["state1"], "is_paged", False) for p in resumed if p.numel() >= 1e5)
+    for a, b in zip(whole, resumed):
+        assert torch.equal(a, b)
+
+
 def test_memory_recorder_names_the_line_that_holds_the_peak_on_the_gpu(tmp_path):
     """bench --memory-profile's recorder (bench/profiling.py) on real CUDA allocations: the peak's live blocks,
     summed by the line of this test that allocated them, and what was allocated before it began."""

@@ -151,3 +151,51 @@ def test_direct_calls_leave_what_they_cannot_do_to_bitsandbytes():
     assert direct_says(bnb.optim.PagedAdamW32bit, override=True) == [False, True, True, True]
     assert direct_says(bnb.optim.PagedAdamW8bit) == [False] * 4
     assert direct_says(bnb.optim.PagedAdamW32bit, max_unorm=0.5) == [False] * 4
+
+
+def test_states_loaded_from_a_checkpoint_go_back_to_paged_memory(monkeypatch):
+    """A resumed run's states live where a fresh run's do: bitsandbytes would move the loaded ones to the GPU as
+    ordinary tensors. On the CPU bitsandbytes pages nothing, so its get_state_buffer is stood in for by one that marks
+    what it gives as paged (as it does on a GPU for 1e5 values or more), and the prefetch of those by a no-op. The
+    states arrive unchanged, and the steps after the resume are those of an uninterrupted run, bit for bit."""
+    import io
+
+    import bitsandbytes.functional as F
+
+    monkeypatch.setattr(F, "prefetch_tensor", lambda t, to_cpu=False: None)
+    whole, _ = _train(bnb.optim.PagedAdamW32bit, once=True, steps=4)
+
+    first, opt = _train(bnb.optim.PagedAdamW32bit, once=True, steps=2)
+    saved = io.BytesIO()
+    torch.save(opt.state_dict(), saved)
+    params = [torch.nn.Parameter(p.detach().clone()) for p in first]
+    resumed = bnb.optim.PagedAdamW32bit(params, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    assert optimizer_step.sync_once(resumed)
+    saved.seek(0)
+    resumed.load_state_dict(torch.load(saved, weights_only=True))
+    loaded = {(i, k): resumed.state[p][k].clone() for i, p in enumerate(params) for k in ("state1", "state2")}
+    given = []
+
+    def paged_buffer(p, dtype=torch.float32):
+        t = torch.zeros_like(p, dtype=dtype)
+        t.is_paged = True
+        given.append(t)
+        return t
+
+    monkeypatch.setattr(resumed, "get_state_buffer", paged_buffer)
+    assert optimizer_step.page_loaded_states(resumed, on_gpu=lambda p: True) == 2 * len(params)
+    for i, p in enumerate(params):
+        for k in ("state1", "state2"):
+            v = resumed.state[p][k]
+            assert any(v is t for t in given) and torch.equal(v, loaded[(i, k)])
+    assert optimizer_step.page_loaded_states(resumed, on_gpu=lambda p: True) == 0  # already paged: left alone
+
+    g = torch.Generator().manual_seed(1)
+    for step in range(4):  # the same gradients as _train's, from where the resume picks up
+        for i, p in enumerate(params):
+            grad = None if (i == 2 and step % 2) else torch.randn(p.shape, generator=g)
+            p.grad = grad if step >= 2 else None
+        if step >= 2:
+            resumed.step()
+    for a, b in zip(whole, params):
+        assert torch.equal(a, b)
