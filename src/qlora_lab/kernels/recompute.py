@@ -208,8 +208,19 @@ class _Offloaded(torch.autograd.Function):
             with torch.enable_grad(), torch.autocast(device.type, dtype=dtype, enabled=enabled), _recomputation:
                 out = ctx.run(x)
         if out.requires_grad:  # adapter gradients accumulate into their .grad (reentrant style)
+            _drop_values(out)
             torch.autograd.backward(out, grad)
         return None, None, x.grad if wants_dx else None, None
+
+
+def _drop_values(out) -> None:
+    """Free the recomputed output's memory before the backward runs through the layer (one hidden-size tensor
+    fewer at its peak: 32 MiB at 4,096 Llama-2-7B tokens in bf16, 64 in a T4's fp32 residual stream). Its values are
+    thrown away, and autograd.backward reads only its shape. Only where the layer ends in an addition of its own (the
+    residual add of Llama's and Falcon's layers): an add keeps nothing for its backward, and its result is no view
+    of a tensor anything else reads."""
+    if out._base is None and type(out.grad_fn).__name__ == "AddBackward0":
+        out.untyped_storage().resize_(0)
 
 
 _ANCHORS: dict = {}

@@ -89,6 +89,26 @@ def test_an_input_without_grad_still_trains_the_layer():
     assert x.grad is None
 
 
+@pytest.mark.parametrize("ends_in_add", [True, False])
+def test_the_recomputed_output_is_freed_before_the_backward(ends_in_add):
+    """The recomputation's output is thrown away: where the layer ends in its residual add its memory goes before the
+    backward runs through the layer; the gradients are what they would be."""
+    w = torch.randn(3, requires_grad=True)
+    x = torch.randn(3, requires_grad=True)
+    outs = []
+
+    def layer(h):
+        y = (h * w + h) if ends_in_add else (h + 1.0) * w
+        if recompute.active():
+            outs.append(y)
+        return y
+
+    recompute.offloaded(layer, x, slot=0).sum().backward()
+    assert (outs[0].untyped_storage().nbytes() == 0) is ends_in_add
+    torch.testing.assert_close(w.grad, x.detach() if ends_in_add else x.detach() + 1.0)
+    torch.testing.assert_close(x.grad, (w + 1.0).detach() if ends_in_add else w.detach())
+
+
 def test_the_first_forward_runs_the_training_arithmetic(monkeypatch):
     """An offloaded layer's first forward runs without autograd, yet through the fused LoRA path (whose
     dropout masks the recomputation draws again), not peft's module chain: on a GPU peft's dropout draws
