@@ -128,12 +128,13 @@ def test_the_pool_holds_each_tensor_aligned_and_takes_over_existing_states():
     assert torch.equal(fused.views[0][0], before[id(params[0])][0])
 
 
-def test_what_the_pool_leaves_to_bitsandbytes():
-    """Tensors with their own settings, other groups' betas, 8-bit states and other devices are not pooled."""
+def test_what_the_pool_leaves_to_bitsandbytes(monkeypatch):
+    """Tensors with their own settings, other groups' betas, 8-bit states and other devices are not pooled. (The
+    override goes into bitsandbytes' process-wide manager by monkeypatch, so that it ends with the test.)"""
     params = _params()
     opt = bnb.optim.PagedAdamW32bit([{"params": params[:2]}, {"params": params[2:], "betas": (0.8, 0.99)}], lr=1e-3,
                                     weight_decay=0.0)
-    opt.mng.pid2config[id(params[1])] = {"lr": 1e-5}
+    monkeypatch.setitem(opt.mng.pid2config, id(params[1]), {"lr": 1e-5})
     fused = _cpu_fused(opt)
     fused.ensure()
     assert fused.params == [params[0]]

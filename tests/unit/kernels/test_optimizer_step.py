@@ -129,9 +129,11 @@ def test_direct_calls_pass_the_values_bitsandbytes_update_step_passes(monkeypatc
     assert fetched["ours"] == fetched["theirs"] and len(fetched["ours"]) == 4 * len(params)
 
 
-def test_direct_calls_leave_what_they_cannot_do_to_bitsandbytes():
+def test_direct_calls_leave_what_they_cannot_do_to_bitsandbytes(monkeypatch):
     """A parameter with its own settings (bitsandbytes' override_config), an 8-bit optimizer or an update-norm
-    limit goes through bitsandbytes' update_step: _Direct.update says False and calls nothing for it."""
+    limit goes through bitsandbytes' update_step: _Direct.update says False and calls nothing for it. (The
+    override goes into bitsandbytes' process-wide manager by monkeypatch: it must not outlive the test, or a later
+    tensor at the same address would take it.)"""
     def direct_says(cls, override=False, max_unorm=0.0):
         params = _params(0)
         opt = cls(params, lr=1e-3)
@@ -140,7 +142,7 @@ def test_direct_calls_leave_what_they_cannot_do_to_bitsandbytes():
             p.grad = torch.randn(p.shape)
         opt.step()
         if override:
-            opt.mng.pid2config[id(params[0])] = {"lr": 1e-5}
+            monkeypatch.setitem(opt.mng.pid2config, id(params[0]), {"lr": 1e-5})
         calls = []
         d = optimizer_step._Direct(opt, opt.param_groups[0], {"adam": (lambda *a: calls.append(a),) * 3}, None, None)
         said = [d.update(p, 0, i) for i, p in enumerate(params)]
