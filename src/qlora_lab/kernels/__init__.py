@@ -11,7 +11,8 @@ loaded model before LoRA is attached. `fused_loss.py`: the head and the loss fus
 `grouped_lora.py`: fused LoRA layers that share an input as one autograd function (`train.group_lora`).
 `nf4.py`: NF4 weights (double quantization included) dequantized in one Triton kernel on CUDA, with
 bitsandbytes' own dequantization everywhere else. `optimizer_step.py`: a bitsandbytes optimizer step with
-one device sync instead of one per parameter (`train.optimizer_sync`). `dropout.py`: adapter dropout on the GPU
+one device sync instead of one per parameter (`train.optimizer_sync`); `fused_adam.py`: its 32-bit paged AdamW
+for every adapter tensor in one Triton launch, the states pooled in one paged buffer (`train.optimizer_fused`). `dropout.py`: adapter dropout on the GPU
 whose mask is a function of (seed, layer, element), drawn again in the backward without a generator to rewind.
 `graphs.py`: every decoder layer's forward and backward replayed from CUDA graphs (`train.cuda_graphs`).
 `lora_mlp.py`: each LoRA MLP block as one autograd function (`train.fused_mlp`). `recompute.py`: what a
