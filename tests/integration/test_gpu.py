@@ -228,7 +228,6 @@ def _optimizer_steps(cls, direct: bool | None, steps: int = 4):
     """`steps` steps of a bitsandbytes optimizer on CUDA over adapter-like tensors: big enough for paged states
     (>= 1e5 values) and small ones, one left without a gradient every other step. direct None: bitsandbytes' own
     step; else kernels/optimizer_step's one-sync step, calling its C functions directly or not."""
-    import bitsandbytes as bnb
     import torch
 
     from qlora_lab.kernels import optimizer_step
@@ -278,10 +277,9 @@ def test_direct_optimizer_calls_are_bitsandbytes_step_bit_for_bit_on_the_gpu(cls
 def _fused_steps(cls, fused: bool, steps: int = 4):
     """As _optimizer_steps, without weight decay (what the fused step takes), bitsandbytes' own step or the one-sync
     step with kernels/fused_adam.py's one launch; returns (params, optimizer, prefetch calls per step)."""
-    import bitsandbytes as bnb
     import torch
 
-    from qlora_lab.kernels import fused_adam, optimizer_step
+    from qlora_lab.kernels import optimizer_step
 
     g = torch.Generator(device="cuda").manual_seed(0)
     shapes = [(64, 4096), (11008, 64), (8, 8), (64, 300)]
