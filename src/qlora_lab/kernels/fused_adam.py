@@ -138,7 +138,6 @@ class FusedAdam:
         self.table = torch.empty((5, k), dtype=torch.int64, device=self.device)
         self.scalars = torch.empty((2, k), dtype=torch.float32, device=self.device)
         self.sizes = np.asarray(sizes, dtype=np.int64)
-        self.steps = np.zeros(k, dtype=np.float64)
 
     # -- the step ------------------------------------------------------------------------------------------
     def step(self) -> set:
@@ -149,8 +148,9 @@ class FusedAdam:
             return set()
         opt, k = self.opt, len(self.params)
         t, sc = self.table_host.numpy(), self.scalars_host.numpy()
-        lr = np.zeros(k, dtype=np.float64)
+        lr = np.zeros(k, dtype=np.float64)   # a tensor without a gradient this step: lr and eps 0, its row unused
         eps = np.zeros(k, dtype=np.float64)
+        steps = np.ones(k, dtype=np.float64)
         done = set()
         for j, (p, gi, (v1, v2)) in enumerate(zip(self.params, self.groups, self.views)):
             g = p.grad
@@ -159,7 +159,7 @@ class FusedAdam:
                 continue
             state = opt.state[p]
             state["step"] += 1
-            self.steps[j] = state["step"]
+            steps[j] = state["step"]
             group = opt.param_groups[gi]
             lr[j], eps[j] = group["lr"], group["eps"]
             t[0, j], t[1, j], t[2, j], t[3, j], t[4, j] = g.data_ptr(), p.data_ptr(), v1.data_ptr(), v2.data_ptr(), self.sizes[j]
@@ -167,7 +167,6 @@ class FusedAdam:
         if not done:
             return done
         beta1, beta2 = self.betas
-        steps = np.maximum(self.steps, 1.0)  # a tensor not yet stepped: lr and eps 0, its row unused
         c1 = 1.0 - beta1 ** steps
         c2 = np.sqrt(1.0 - beta2 ** steps)
         sc[0] = -lr * c2 / c1

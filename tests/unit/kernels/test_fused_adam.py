@@ -39,6 +39,10 @@ def _cpu_fused(opt):
 def _train(params, opt, steps: int = 5):
     g = torch.Generator().manual_seed(1)
     taken = []
+    fused = getattr(opt, "_qlora_lab_fused", None)
+    if fused is not None:  # record what each step's one launch took
+        real = fused.step
+        fused.step = lambda: taken.append(real()) or taken[-1]
     for step in range(steps):
         opt.param_groups[0]["lr"] = 1e-2 / (1 + step)  # a scheduler changes the lr between steps
         for i, p in enumerate(params):
@@ -48,13 +52,7 @@ def _train(params, opt, steps: int = 5):
             elif i == 1 and step == 3:
                 grad = torch.randn(tuple(reversed(p.shape)), generator=g).t()  # not contiguous: bitsandbytes' path
             p.grad = grad
-        fused = getattr(opt, "_qlora_lab_fused", None)
-        if fused is not None:
-            real = fused.step
-            fused.step = lambda: taken.append(real()) or taken[-1]
         opt.step()
-        if fused is not None:
-            fused.step = real
     return taken
 
 
