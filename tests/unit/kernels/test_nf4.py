@@ -54,7 +54,10 @@ def compare_in_interpreter() -> None:
         nf4._launch(q, qs, buffer[1:-1], nf4._prepared(qs, q.device))
         assert torch.equal(buffer[1:-1], want), (shape, nested, blocksize)
         assert buffer[0].eq(7.0).all() and buffer[-1].eq(7.0).all(), (shape, nested, blocksize)
-    assert nf4._self_test(torch.device("cpu"))  # the check `usable` runs once per GPU, passing where the kernel is right
+    # The check `usable` runs once per GPU, passing where the kernel is right: here against the format's arithmetic
+    # (what bitsandbytes' CUDA kernels give there), not against its CPU kernels, which vary with the CPU.
+    bnbf.dequantize_4bit = lambda q, qs: _reference(q, qs).to(qs.dtype)  # this child process only
+    assert nf4._self_test(torch.device("cpu"))
     print("compared", len(CASES))
 
 
